@@ -82,10 +82,9 @@ class SharedKVAttention(nn.Module):
         group = _equal_contiguous(q_to_kv)
         # Backends read num_key_value_groups to repeat K/V; a gathered layout is already per query head.
         self.num_key_value_groups = group or 1
-        if group is None:
-            self.register_buffer("kv_index", torch.tensor(q_to_kv), persistent=False)
-        else:
-            self.kv_index = None
+        # Not a buffer: from_pretrained builds modules on the meta device and would leave it unset.
+        self.kv_index = None
+        self._q_to_kv = None if group is not None else list(q_to_kv)
         self.q_proj = nn.Linear(hidden, heads * self.head_dim, bias=bias)
         if self.kv_layer == layer_idx:
             self.k_proj = nn.Linear(hidden, self.n_kv * self.head_dim, bias=bias)
@@ -108,7 +107,9 @@ class SharedKVAttention(nn.Module):
             query = query * cos.unsqueeze(1) + rotate_half(query) * sin.unsqueeze(1)
             shared = past_key_values.layers[self.kv_layer]
             key, value = shared.keys, shared.values
-        if self.kv_index is not None:
+        if self._q_to_kv is not None:
+            if self.kv_index is None or self.kv_index.device != key.device:
+                self.kv_index = torch.tensor(self._q_to_kv, device=key.device)
             key, value = key.index_select(1, self.kv_index), value.index_select(1, self.kv_index)
         attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
         out, weights = attention(

@@ -19,6 +19,7 @@ import fcntl
 import os
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -96,8 +97,12 @@ def flatten(d: Mapping, prefix: str = "") -> dict[str, Any]:
 class StageRun:
     """One MLflow run; every call holds the store lock (see module docstring)."""
 
+    FLUSH_SECONDS = 10.0  # stepped metrics are written in batches: one locked write per step is slow
+
     def __init__(self, uri: str, run_id: str):
         self.uri, self.run_id = uri, run_id
+        self._pending: list = []
+        self._last_flush = 0.0
 
     def _locked(self):
         return store_lock(self.uri)
@@ -112,16 +117,22 @@ class StageRun:
                 client.log_batch(self.run_id, params=items[i : i + 100])
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
-        import time
-
+        """Log now, or for stepped metrics (``step`` given) at most every FLUSH_SECONDS; ``flush`` writes the rest."""
         from mlflow.entities import Metric
 
-        now = int(time.time() * 1000)
-        items = [Metric(k, float(v), now, step or 0) for k, v in metrics.items() if v is not None]
+        now = time.time()
+        self._pending += [Metric(k, float(v), int(now * 1000), step or 0) for k, v in metrics.items() if v is not None]
+        if step is None or now - self._last_flush > self.FLUSH_SECONDS:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._pending:
+            return
         with self._locked():
             client = _client(self.uri)
-            for i in range(0, len(items), 1000):
-                client.log_batch(self.run_id, metrics=items[i : i + 1000])
+            for i in range(0, len(self._pending), 1000):
+                client.log_batch(self.run_id, metrics=self._pending[i : i + 1000])
+        self._pending, self._last_flush = [], time.time()
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         from mlflow.entities import RunTag
@@ -172,5 +183,6 @@ def stage_run(cfg: DictConfig, stage: str, tags: Mapping[str, Any] | None = None
         yield stage_run_
         status = "FINISHED"
     finally:
+        stage_run_.flush()
         with store_lock(uri):
             _client(uri).set_terminated(run.info.run_id, status)

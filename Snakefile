@@ -1,0 +1,49 @@
+"""kvshare workflow: prepare → search → convert → finetune → evaluate → pareto.
+
+    snakemake --profile workflow/profiles/smoke      # whole DAG on CPU, tiny budgets
+    snakemake --profile workflow/profiles/gpu        # real sizes, GPU jobs declare gpu=1
+    snakemake -n                                     # show what would run
+
+The grid (models, methods, budgets) is the Snakemake config
+(workflow/config/*.yaml, schema in workflow/schemas/); every other setting is a
+Hydra default in conf/, overridable per stage with ``--config hydra='...'``.
+"""
+
+import os
+import time
+import uuid
+
+from snakemake.utils import min_version, validate
+
+min_version("9.0")
+
+
+configfile: "workflow/config/smoke.yaml"
+
+
+validate(config, "workflow/schemas/config.schema.yaml")
+
+# One id per `snakemake` call, inherited by every job: MLflow groups an invocation's runs by it.
+os.environ.setdefault("KVSHARE_INVOCATION", time.strftime("%Y%m%dT%H%M%S-") + uuid.uuid4().hex[:6])
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/prepare.smk"
+include: "workflow/rules/search.smk"
+include: "workflow/rules/convert.smk"
+include: "workflow/rules/finetune.smk"
+include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/pareto.smk"
+
+
+onstart:
+    # Create the MLflow store and experiment before jobs start in parallel.
+    from kvshare.tracking import init_store
+
+    init_store(MLFLOW_URI, STUDY)
+
+
+rule all:
+    default_target: True
+    input:
+        PARETO,

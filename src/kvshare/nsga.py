@@ -1,0 +1,478 @@
+"""QCQA's two NSGA-II stages (pymoo), with operators that keep every grouping valid.
+
+Stage 1, per layer: a chromosome is one group id per KV head; the objectives are
+(number of KV heads, WSE). QCQA-AC allows any group sizes; QCQA-EC only equal
+sizes, so only counts that divide the head count, and :class:`BalanceRepair`
+makes every offspring an equal-size grouping. All layers evolve in lockstep
+(pymoo's ask/tell), so one progress bar and one hypervolume curve cover the
+whole model; an archive keeps the least WSE seen at each count, which is the
+layer's front.
+
+Two operator sets:
+- ``partition`` (default): random partitions spread over all counts (plus the
+  greedy solvers' groupings as seeds), a crossover that aligns the parents'
+  group ids before a uniform mix, and moves that act on groups: move a head,
+  swap two heads, merge or split groups, and a WSE-guided move or swap. Group
+  ids are arbitrary names, so operators that treat them as numbers waste most
+  offspring; these do not.
+- ``paper``: the reproduction's settings: integer sampling, SBX (p=0.9) and
+  polynomial mutation (p per variable) on the ids, rounded.
+
+Stage 2 (``stage2_binary``): the paper's binary chromosome over layers (grouped
+at a given count, or kept whole), objectives (total KV heads, total WSE),
+two-point crossover and bit-flip mutation. :mod:`kvshare.qcqa` also has an
+exact stage 2 (a DP), which is the default.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+from pymoo.algorithms.moo.nsga2 import NSGA2, binary_tournament
+from pymoo.core.crossover import Crossover
+from pymoo.core.duplicate import DuplicateElimination
+from pymoo.core.mating import Mating
+from pymoo.core.mutation import Mutation
+from pymoo.core.problem import Problem
+from pymoo.core.repair import Repair
+from pymoo.core.sampling import Sampling
+from pymoo.core.termination import NoTermination
+from pymoo.operators.crossover.pntx import TwoPointCrossover
+from pymoo.operators.crossover.sbx import SBX
+from pymoo.operators.mutation.bitflip import BitflipMutation
+from pymoo.operators.mutation.pm import PM
+from pymoo.operators.repair.rounding import RoundingRepair
+from pymoo.operators.sampling.rnd import BinaryRandomSampling, IntegerRandomSampling
+from pymoo.operators.selection.tournament import TournamentSelection
+from tqdm import tqdm
+
+from kvshare.errors import KVShareError
+from kvshare.wse import canonical_rows, n_groups, wse_population
+
+OPERATORS = ("partition", "paper")
+MATING_TRIES = 5  # pymoo re-mates until offspring are new; tiny layers run out of new groupings fast
+
+
+@dataclass
+class NSGASettings:
+    pop_size: int = 100
+    generations: int = 100
+    seed: int = 0
+    operators: str = "partition"
+    crossover_prob: float = 0.9
+    mutation_prob: float | None = None  # per head (stage 1) or per layer (stage 2); None: 1 / length
+    seed_greedy: bool = True  # stage 1 ``partition``: start from the greedy solvers' groupings too
+
+    def __post_init__(self) -> None:
+        if self.operators not in OPERATORS:
+            raise KVShareError(f"search.nsga.operators={self.operators!r} is not known; use {' or '.join(OPERATORS)}")
+        for key in ("pop_size", "generations"):
+            if int(getattr(self, key)) < 1:
+                raise KVShareError(f"search.nsga.{key}={getattr(self, key)} must be at least 1")
+        if not 0 <= self.crossover_prob <= 1 or not (self.mutation_prob is None or 0 <= self.mutation_prob <= 1):
+            raise KVShareError(
+                f"search.nsga probabilities must lie in [0, 1] (crossover_prob={self.crossover_prob}, "
+                f"mutation_prob={self.mutation_prob})"
+            )
+
+
+def divisors(n: int) -> np.ndarray:
+    return np.array([k for k in range(1, n + 1) if n % k == 0])
+
+
+# --- stage 1 ---------------------------------------------------------------------------------------------------
+
+
+class GroupingProblem(Problem):
+    """One layer: minimise (number of KV heads, WSE) over group-id vectors."""
+
+    def __init__(self, dist: np.ndarray, equal_sizes: bool):
+        n = dist.shape[0]
+        super().__init__(n_var=n, n_obj=2, xl=0, xu=n - 1, vtype=int)
+        self.dist = dist
+        self.equal_sizes = equal_sizes
+        self.counts = divisors(n) if equal_sizes else np.arange(1, n + 1)
+
+    def _evaluate(self, x, out, *args, **kwargs):
+        labels = labels_of(x, self.n_var)
+        out["F"] = np.column_stack([n_groups(labels), wse_population(self.dist, labels)]).astype(float)
+
+
+def labels_of(x: np.ndarray, n: int) -> np.ndarray:
+    """Integer group ids in 0..n-1 from a chromosome (SBX/PM leave floats)."""
+    return np.clip(np.rint(np.asarray(x, dtype=float)), 0, n - 1).astype(np.int64)
+
+
+def random_partitions(n: int, counts: np.ndarray, size: int, equal_sizes: bool, rng) -> np.ndarray:
+    """``size`` random groupings whose counts cycle through ``counts``; all groups non-empty."""
+    ks = np.resize(rng.permutation(counts), size)
+    rows = []
+    for k in ks:
+        if equal_sizes:
+            labels = np.repeat(np.arange(k), n // k)
+        else:
+            labels = np.concatenate([np.arange(k), rng.integers(0, k, n - k)])
+        rows.append(labels[rng.permutation(n)])
+    return np.array(rows, dtype=np.int64)
+
+
+class PartitionSampling(Sampling):
+    def __init__(self, seeds: np.ndarray | None = None):
+        super().__init__()
+        self.seeds = seeds
+
+    def _do(self, problem, n_samples, *args, random_state=None, **kwargs):
+        seeds = np.zeros((0, problem.n_var), dtype=np.int64) if self.seeds is None else self.seeds[:n_samples]
+        rest = random_partitions(
+            problem.n_var, problem.counts, n_samples - len(seeds), problem.equal_sizes, random_state
+        )
+        return np.concatenate([seeds, rest])
+
+
+class AlignedUniformCrossover(Crossover):
+    """Rename parent B's groups after the parent-A groups they overlap most, then mix heads uniformly.
+
+    Renaming is one-to-one (a B group that is not its A group's best match gets a
+    fresh id), so the mix inherits whole groups where the parents agree.
+    """
+
+    def __init__(self, prob: float = 0.9):
+        super().__init__(2, 2, prob=prob)
+
+    def _do(self, problem, x, *args, random_state=None, **kwargs):
+        n = problem.n_var
+        a, b = canonical_rows(labels_of(x[0], n)), canonical_rows(labels_of(x[1], n))
+        m = len(a)
+        cell = (np.arange(m)[:, None] * n + a) * n + b
+        overlap = np.bincount(cell.ravel(), minlength=m * n * n).reshape(m, n, n)  # [mating, a id, b id]
+        best_a = overlap.argmax(axis=1)  # (m, n): for each B group, its best A group
+        claim = overlap.argmax(axis=2)  # (m, n): for each A group, the B group that matches it best
+        rows = np.arange(m)[:, None]
+        mapped = np.where(claim[rows, best_a] == np.arange(n), best_a, n + np.arange(n))
+        b2 = mapped[rows, b]
+        mix = random_state.random((m, n)) < 0.5
+        # fresh ids go up to 2n-1; canonical relabelling brings them back into 0..n-1
+        return np.stack([canonical_rows(np.where(mix, a, b2)), canonical_rows(np.where(mix, b2, a))])
+
+
+class PartitionMutation(Mutation):
+    """Each head triggers a move with probability ``prob_var``; a move is one of ``AC_MOVES`` / ``EC_MOVES``.
+
+    A count change under EC (merge or split) is evened out by BalanceRepair.
+    """
+
+    AC_MOVES = ("move", "merge_split", "guided_move", "guided_swap")
+    EC_MOVES = ("swap", "merge_split", "guided_swap")
+
+    def __init__(self, prob_var: float | None = None):
+        super().__init__(prob=1.0, prob_var=prob_var)
+
+    def _do(self, problem, x, *args, random_state=None, **kwargs):
+        rng = random_state
+        x = canonical_rows(labels_of(x, problem.n_var))
+        kinds = self.EC_MOVES if problem.equal_sizes else self.AC_MOVES
+        moves = rng.binomial(problem.n_var, self.get_prob_var(problem, size=1)[0], size=len(x))
+        for r in np.flatnonzero(moves):
+            row = x[r]
+            for kind in rng.integers(len(kinds), size=moves[r]):
+                row = canonical_row(move(problem.dist, row, kinds[kind], rng))
+            x[r] = row
+        return x
+
+
+def canonical_row(row: np.ndarray) -> np.ndarray:
+    """:func:`kvshare.wse.canonical_rows` for one row (fewer array calls)."""
+    _, first, inverse = np.unique(row, return_index=True, return_inverse=True)
+    rank = np.empty(len(first), dtype=np.int64)
+    rank[np.argsort(first)] = np.arange(len(first))
+    return rank[inverse]
+
+
+def move(dist: np.ndarray, row: np.ndarray, kind: str, rng) -> np.ndarray:
+    """One move on a canonical grouping (ids 0..k-1, all used); the result may leave an id unused."""
+    n, k = len(row), int(row.max()) + 1
+    i = int(rng.integers(n))
+    row = row.copy()
+    if kind == "move":  # to another group or a new one
+        row[i] = rng.integers(k + 1)
+    elif kind == "swap":
+        j = int(rng.integers(n))
+        row[i], row[j] = row[j], row[i]
+    elif kind == "merge_split":
+        if k > 1 and (k == n or rng.random() < 0.5):
+            a, b = rng.choice(k, 2, replace=False)
+            row[row == b] = a
+        else:
+            members = np.flatnonzero(row == row[i])
+            row[members[rng.random(len(members)) < 0.5]] = k
+    else:
+        row = guided_move(dist, row, i, swap=kind == "guided_swap")
+    return row
+
+
+def group_stats(dist: np.ndarray, row: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """R[i, g] = sum of D from head i to group g; S[g] = pair sum inside g; sizes."""
+    k = int(row.max()) + 1
+    onehot = np.zeros((len(row), k))
+    onehot[np.arange(len(row)), row] = 1.0
+    r = dist @ onehot
+    return r, np.einsum("ig,ig->g", onehot, r) / 2.0, onehot.sum(axis=0)
+
+
+def guided_move(dist: np.ndarray, row: np.ndarray, i: int, swap: bool) -> np.ndarray:
+    """Head ``i``'s best move to another existing group (or best swap), by its exact WSE change."""
+    r, s, size = group_stats(dist, row)
+    a = row[i]
+    row = row.copy()
+    if swap:  # exchange i with j in group b: both groups keep their sizes
+        b = row
+        gain = (r[:, a] - r[i, a] - dist[i]) / size[a] + (r[i, b] - r[np.arange(len(row)), b] - dist[i]) / size[b]
+        gain[b == a] = np.inf
+        j = int(np.argmin(gain))
+        if gain[j] < 0:
+            row[i], row[j] = row[j], row[i]
+        return row
+    if size[a] < 2:
+        return row
+    delta = (s + r[i]) / (size + 1) - s / size + (s[a] - r[i, a]) / (size[a] - 1) - s[a] / size[a]
+    delta[a] = np.inf
+    g = int(np.argmin(delta))
+    if delta[g] < 0:
+        row[i] = g
+    return row
+
+
+class CanonicalRepair(Repair):
+    """Integer group ids, relabelled by first appearance (so equal groupings are equal vectors)."""
+
+    def _do(self, problem, x, **kwargs):
+        return canonical_rows(labels_of(x, problem.n_var))
+
+
+class BalanceRepair(Repair):
+    """Make every grouping equal-size: snap its count to the nearest divisor of n, keep the largest
+
+    groups' members up to the group size (evicting random ones), and deal the
+    evicted heads into the free places at random.
+    """
+
+    def _do(self, problem, x, random_state=None, **kwargs):
+        return balance_rows(labels_of(x, problem.n_var), problem.counts, random_state)
+
+
+def balance_rows(x: np.ndarray, counts: np.ndarray, rng) -> np.ndarray:
+    x = canonical_rows(x)
+    p, n = x.shape
+    rows = np.arange(p)[:, None]
+    k = counts[np.abs(n_groups(x)[:, None] - counts[None, :]).argmin(axis=1)]
+    s = n // k
+    size = np.zeros((p, n), dtype=np.int64)
+    np.add.at(size, (np.repeat(np.arange(p), n), x.ravel()), 1)
+    rank = np.empty_like(size)
+    rank[rows, np.argsort(-size, axis=1, kind="stable")] = np.arange(n)  # group's place by size
+    new = np.where(rank[rows, x] < k[:, None], rank[rows, x], n)  # kept groups: ids 0..k-1; others: n
+    # each head's place inside its kept group, in random order; places >= s are evicted
+    order = np.argsort(new * (n + 1) + rng.permuted(np.tile(np.arange(n), (p, 1)), axis=1), axis=1)
+    sorted_ids = new[rows, order]
+    start = np.argmax(sorted_ids[:, :, None] == np.arange(n + 1), axis=1)  # (p, n+1): first place of each id
+    place = np.empty_like(x)
+    place[rows, order] = np.arange(n) - start[rows, sorted_ids]
+    new = np.where(place < s[:, None], new, n)
+    free = np.where(np.arange(n) < k[:, None], s[:, None], 0)
+    np.subtract.at(free, (np.repeat(np.arange(p), n), np.minimum(new, n - 1).ravel()), (new < n).ravel())
+    # deal evicted heads (in random order) into the free places, group by group
+    homeless = new == n
+    shuffle = np.argsort(rng.random((p, n)) + ~homeless, axis=1)  # homeless heads first, shuffled
+    nth = np.cumsum(homeless[rows, shuffle], axis=1) - 1
+    cum = np.cumsum(free, axis=1) + (n + 1) * rows
+    slot = np.searchsorted(cum.ravel(), (nth + (n + 1) * rows).ravel(), side="right").reshape(p, n) - n * rows
+    dealt = new.copy()
+    dealt[rows, shuffle] = np.where(homeless[rows, shuffle], slot, new[rows, shuffle])
+    return canonical_rows(dealt)
+
+
+class PartitionDuplicates(DuplicateElimination):
+    """Duplicates are equal groupings, whatever the ids: compare canonical rows by hash."""
+
+    def _do(self, pop, other, is_duplicate):
+        n = pop[0].X.shape[0]
+        keys = [r.tobytes() for r in canonical_rows(labels_of(pop.get("X"), n))]
+        if other is None:
+            seen: set[bytes] = set()
+            for i, key in enumerate(keys):
+                is_duplicate[i] = key in seen
+                seen.add(key)
+        else:
+            known = {r.tobytes() for r in canonical_rows(labels_of(other.get("X"), n))}
+            is_duplicate |= np.array([key in known for key in keys])
+        return is_duplicate
+
+
+def stage1_algorithm(problem: GroupingProblem, s: NSGASettings, seeds: np.ndarray | None) -> NSGA2:
+    n = problem.n_var
+    p_var = s.mutation_prob if s.mutation_prob is not None else 1.0 / n
+    repair = BalanceRepair() if problem.equal_sizes else CanonicalRepair()
+    if s.operators == "paper":
+        sampling = IntegerRandomSampling()
+        crossover = SBX(prob=s.crossover_prob, eta=15, vtype=float, repair=RoundingRepair())
+        mutation = PM(prob=1.0, prob_var=p_var, eta=20, vtype=float, repair=RoundingRepair())
+        if not problem.equal_sizes:
+            repair = None  # the paper's AC keeps raw ids; duplicates are still found by grouping
+    else:
+        sampling = PartitionSampling(seeds if s.seed_greedy else None)
+        crossover = AlignedUniformCrossover(s.crossover_prob)
+        mutation = PartitionMutation(p_var)
+    duplicates = PartitionDuplicates()
+    mating = Mating(
+        TournamentSelection(func_comp=binary_tournament),
+        crossover,
+        mutation,
+        repair=repair,
+        eliminate_duplicates=duplicates,
+        n_max_iterations=MATING_TRIES,
+    )
+    return NSGA2(pop_size=s.pop_size, sampling=sampling, mating=mating, repair=repair, eliminate_duplicates=duplicates)
+
+
+def hypervolume_2d(points: np.ndarray, ref=(1.0, 1.0)) -> float:
+    """Area dominated by minimisation points (f1, f2) inside the box below ``ref``."""
+    pts = np.asarray(points, dtype=float).reshape(-1, 2)
+    pts = pts[(pts[:, 0] < ref[0]) & (pts[:, 1] < ref[1])]
+    if not len(pts):
+        return 0.0
+    pts = pts[np.lexsort((pts[:, 1], pts[:, 0]))]
+    area, best = 0.0, ref[1]
+    for f1, f2 in pts:
+        if f2 < best:
+            area += (ref[0] - f1) * (best - f2)
+            best = f2
+    return area
+
+
+def layer_hypervolume(errors: np.ndarray, scale: float) -> float:
+    """HV of a layer's front in (count / n, WSE / WSE of one group), reference (1, 1)."""
+    n = len(errors)
+    return hypervolume_2d(np.column_stack([np.arange(1, n + 1) / n, np.asarray(errors) / max(scale, 1e-300)]))
+
+
+@dataclass
+class Stage1Result:
+    groupings: list[np.ndarray]  # per layer, (n, n): best grouping found at count k in row k-1
+    errors: list[np.ndarray]  # per layer, (n,): its WSE (inf where none found)
+    hv_history: np.ndarray  # (generations + 1, layers): normalised hypervolume after each generation
+    evaluations: int
+
+
+def stage1(
+    dists: list[np.ndarray],
+    equal_sizes: bool,
+    settings: NSGASettings,
+    seeds: list[np.ndarray] | None = None,
+    progress: bool = True,
+    on_generation: Callable[[int, np.ndarray], None] | None = None,
+) -> Stage1Result:
+    """NSGA-II on every layer in lockstep; each layer's archive of best-per-count is its front."""
+    problems = [GroupingProblem(d, equal_sizes) for d in dists]
+    algos = []
+    for i, problem in enumerate(problems):
+        algo = stage1_algorithm(problem, settings, None if seeds is None else seeds[i])
+        algo.setup(problem, termination=NoTermination(), seed=settings.seed + i)
+        algos.append(algo)
+    n_layers = len(dists)
+    best_x = [np.zeros((p.n_var, p.n_var), dtype=np.int64) for p in problems]
+    best_f = [np.full(p.n_var, np.inf) for p in problems]
+    scale = [float(wse_population(d, np.zeros((1, d.shape[0]), dtype=np.int64))[0]) for d in dists]
+    for x, f, one_group in zip(best_x, best_f, scale, strict=True):  # both ends of every front are known
+        x[-1], f[-1] = np.arange(len(f)), 0.0
+        x[0], f[0] = 0, one_group
+    hv = np.zeros((settings.generations + 1, n_layers))
+    evaluations = 0
+    bar = tqdm(total=settings.generations + 1, desc="stage 1 NSGA-II", file=sys.stderr, disable=not progress)
+    for gen in range(settings.generations + 1):  # generation 0 is the initial population
+        for i, (algo, problem) in enumerate(zip(algos, problems, strict=True)):
+            pop = algo.ask()
+            algo.evaluator.eval(problem, pop)
+            algo.tell(infills=pop)
+            evaluations += len(pop)
+            labels = canonical_rows(labels_of(pop.get("X"), problem.n_var))
+            f = pop.get("F")
+            _archive(best_x[i], best_f[i], labels, f)
+            hv[gen, i] = layer_hypervolume(best_f[i], scale[i])
+        if on_generation is not None:
+            on_generation(gen, hv[gen])
+        bar.update()
+    bar.close()
+    return Stage1Result(best_x, best_f, hv, evaluations)
+
+
+def _archive(best_x: np.ndarray, best_f: np.ndarray, labels: np.ndarray, f: np.ndarray) -> None:
+    """Keep, per count, the least-WSE grouping seen so far (ties: the earlier one)."""
+    k = f[:, 0].astype(int)
+    order = np.lexsort((f[:, 1], k))
+    first = order[np.r_[True, k[order][1:] != k[order][:-1]]]
+    for j in first:
+        if f[j, 1] < best_f[k[j] - 1]:
+            best_f[k[j] - 1] = f[j, 1]
+            best_x[k[j] - 1] = labels[j]
+
+
+# --- stage 2 ---------------------------------------------------------------------------------------------------
+
+
+class LayerChoiceProblem(Problem):
+    """Bit i: layer i grouped (count ``grouped[i]``, WSE ``errors[i]``) or kept whole (``full`` heads, WSE 0)."""
+
+    def __init__(self, grouped: np.ndarray, errors: np.ndarray, full: int, max_heads: int):
+        super().__init__(n_var=len(grouped), n_obj=2, n_ieq_constr=1, xl=0, xu=1, vtype=bool)
+        self.grouped, self.errors, self.full, self.max_heads = grouped, errors, full, max_heads
+
+    def _evaluate(self, x, out, *args, **kwargs):
+        x = np.asarray(x, dtype=bool)
+        heads = np.where(x, self.grouped, self.full).sum(axis=1)
+        out["F"] = np.column_stack([heads, (x * self.errors).sum(axis=1)]).astype(float)
+        out["G"] = (heads - self.max_heads)[:, None].astype(float)
+
+
+def stage2_binary(
+    grouped: np.ndarray, errors: np.ndarray, full: int, max_heads: int, settings: NSGASettings
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """The paper's stage 2: feasible front (bits, (heads, WSE)) of which layers to group; and evaluations."""
+    problem = LayerChoiceProblem(grouped, errors, full, max_heads)
+    algo = NSGA2(
+        pop_size=settings.pop_size,
+        sampling=BinaryRandomSampling(),
+        crossover=TwoPointCrossover(prob=settings.crossover_prob),
+        mutation=BitflipMutation(
+            prob=1.0, prob_var=settings.mutation_prob if settings.mutation_prob is not None else 1.0 / len(grouped)
+        ),
+        eliminate_duplicates=True,
+    )
+    algo.setup(problem, termination=NoTermination(), seed=settings.seed)
+    bits, objs, evaluations = [], [], 0
+    for _ in range(settings.generations + 1):
+        pop = algo.ask()
+        algo.evaluator.eval(problem, pop)
+        algo.tell(infills=pop)
+        evaluations += len(pop)
+        ok = pop.get("G")[:, 0] <= 0
+        bits.append(pop.get("X")[ok].astype(bool))
+        objs.append(pop.get("F")[ok])
+    x, f = np.concatenate(bits), np.concatenate(objs)
+    keep = nondominated(f)
+    return x[keep], f[keep], evaluations
+
+
+def nondominated(f: np.ndarray) -> np.ndarray:
+    """Indices of the 2-objective minimisation points no other point dominates (one per distinct point)."""
+    if not len(f):
+        return np.zeros(0, dtype=np.int64)
+    order = np.lexsort((f[:, 1], f[:, 0]))
+    keep, best = [], np.inf
+    for j in order:
+        if f[j, 1] < best:
+            keep.append(j)
+            best = f[j, 1]
+    return np.array(keep, dtype=np.int64)

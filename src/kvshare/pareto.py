@@ -1,0 +1,115 @@
+"""Stage ``pareto``: evaluation runs read back from MLflow → one table, Pareto fronts and plots.
+
+    python -m kvshare.pareto 'pareto.metrics=[a.json,b.json]' pareto.out_dir=results/smoke
+
+The metrics files written by evaluate name their MLflow runs; this stage reads
+those runs' metrics and tags from the tracking store (so the table is what
+MLflow holds), marks which variants are Pareto-optimal in quality against KV
+bytes per token (separately for converted and fine-tuned models), and writes
+``pareto.csv``, ``pareto.md`` and ``pareto_perplexity.png``, all also logged
+as artifacts of a ``pareto`` run.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+from omegaconf import DictConfig
+
+from kvshare.cli import entry
+from kvshare.errors import KVShareError
+from kvshare.fronts import front_table
+from kvshare.io import atomic_path, atomic_write_text
+from kvshare.tracking import stage_run, store_lock, tracking_uri
+
+COLUMNS = {
+    "tags.kvshare.model": "model",
+    "tags.kvshare.method": "method",
+    "tags.kvshare.budget": "budget",
+    "tags.kvshare.variant": "variant",
+    "metrics.kv_fraction": "kv_fraction",
+    "metrics.kv_bytes_per_token": "kv_bytes_per_token",
+    "metrics.perplexity": "perplexity",
+    "metrics.kl_to_base": "kl_to_base",
+    "metrics.top1_agreement": "top1_agreement",
+    "metrics.wse_total": "wse_total",
+    "run_id": "evaluate_run_id",
+}
+
+
+def read_runs(uri: str, run_ids: list[str]) -> pd.DataFrame:
+    import mlflow
+
+    quoted = ", ".join(f"'{r}'" for r in run_ids)
+    with store_lock(uri):
+        mlflow.set_tracking_uri(uri)
+        df = mlflow.search_runs(search_all_experiments=True, filter_string=f"attributes.run_id IN ({quoted})")
+    missing = set(run_ids) - set(df.get("run_id", []))
+    if missing:
+        raise KVShareError(
+            f"evaluation runs {sorted(missing)} are not in the MLflow store {uri}: point at the store the evaluate jobs used"
+        )
+    extra = [c for c in df.columns if c.startswith("metrics.acc_") or c.startswith("metrics.acc_norm_")]
+    cols = {**COLUMNS, **{c: c.removeprefix("metrics.") for c in extra}}
+    return df.reindex(columns=list(cols)).rename(columns=cols)
+
+
+def plot(df: pd.DataFrame, quality: str, path: Path, log_y: bool) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    variants = sorted(df.variant.unique())
+    fig, axes = plt.subplots(1, len(variants), figsize=(6 * len(variants), 4.5), squeeze=False, sharey=True)
+    for ax, variant in zip(axes[0], variants, strict=True):
+        part = df[df.variant == variant]
+        for method, pts in part.groupby("method"):
+            ax.scatter(pts.kv_bytes_per_token, pts[quality], label=method, s=40)
+        front = part[part[f"front_{quality}"]].sort_values("kv_bytes_per_token")
+        ax.step(
+            front.kv_bytes_per_token, front[quality], where="post", color="k", lw=1, alpha=0.6, label="Pareto front"
+        )
+        ax.set_xscale("log")
+        if log_y:
+            ax.set_yscale("log")
+        ax.set_xlabel("KV-cache bytes per token (16-bit)")
+        ax.set_title(f"{variant}")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel(quality.replace("_", " "))
+    axes[0][-1].legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+
+
+def run(cfg: DictConfig) -> dict:
+    p = cfg.pareto
+    files = list(p.metrics)
+    if not files:
+        raise KVShareError("pareto.metrics is empty: give the evaluate stage's JSON files")
+    run_ids = [json.loads(Path(f).read_text())["runs"]["evaluate"] for f in files]
+    out = Path(p.out_dir)
+    with stage_run(cfg, "pareto", {"model": cfg.model.name}) as mlrun:
+        df = read_runs(tracking_uri(cfg), run_ids)
+        df = df.sort_values(["model", "variant", "kv_bytes_per_token", "method"]).reset_index(drop=True)
+        df["front_perplexity"] = front_table(df, "kv_bytes_per_token", "perplexity", False, "variant")
+        df["front_kl_to_base"] = front_table(df, "kv_bytes_per_token", "kl_to_base", False, "variant")
+        with atomic_path(out / "pareto.csv") as tmp:
+            df.to_csv(tmp, index=False)
+        atomic_write_text(out / "pareto.md", df.to_markdown(index=False, floatfmt=".4g") + "\n")
+        plot(df, "perplexity", out / "pareto_perplexity.png", log_y=True)
+        for name in ("pareto.csv", "pareto.md", "pareto_perplexity.png"):
+            mlrun.log_artifact(out / name)
+        mlrun.log_metrics({"variants": len(df), "on_front": int(df.front_perplexity.sum())})
+        mlrun.set_tags({"kvshare.input_runs": ",".join(run_ids)})
+    return {"rows": len(df)}
+
+
+main = entry("pareto", run)
+
+if __name__ == "__main__":
+    main()

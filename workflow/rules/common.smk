@@ -1,0 +1,42 @@
+# Paths, the grid and the command line shared by every rule.
+import sys
+from pathlib import Path
+
+STUDY = config["study"]
+RESULTS = f"results/{STUDY}"
+LOGS = f"logs/{STUDY}"
+DATA = config["data"]
+PY = sys.executable
+SRC = Path(workflow.basedir) / "src" / "kvshare"
+MLFLOW_URI = os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db")
+VARIANTS = ["converted", "finetuned"] if config["finetune"] else ["converted"]
+GRID = [
+    (model, method, str(budget))
+    for model in config["models"]
+    for method, budgets in config["methods"].items()
+    for budget in budgets
+]
+PARETO = [f"{RESULTS}/pareto.csv", f"{RESULTS}/pareto.md", f"{RESULTS}/pareto_perplexity.png"]
+
+
+wildcard_constraints:
+    model="[A-Za-z0-9_.-]+",
+    method="[a-z0-9+-]+",
+    budget="[0-9.]+",
+    variant="converted|finetuned",
+
+
+def code(*modules):
+    """The stage's own sources and the config tree: editing them reruns the stage."""
+    return [str(SRC / f"{m}.py") for m in ("cli", "tracking", *modules)] + [
+        str(Path(workflow.basedir) / "conf" / "config.yaml")
+    ]
+
+
+def hydra(stage, run_name):
+    """Common Hydra overrides: study, scale preset, run name, logs folder, and extra ones from ``--config hydra=``."""
+    extra = config.get("hydra", {}).get(stage, "")
+    return (
+        f"study={STUDY} scale={config['scale']} name={run_name} "
+        f"hydra.run.dir={LOGS}/hydra/{stage}/{run_name.replace('/', '_')} {extra}"
+    )

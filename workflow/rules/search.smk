@@ -1,0 +1,16 @@
+rule search:
+    """Choose which KV heads merge (and which layers share K/V) within the budget: a plan JSON."""
+    input:
+        model="resources/models/{model}",
+        code=code("search", "qcqa", "wse", "plan", "models"),
+    output:
+        f"{RESULTS}/plans/{{model}}/{{method}}/{{budget}}.json",
+    params:
+        hydra=lambda wc: hydra("search", f"{wc.model}/{wc.method}/{wc.budget}"),
+    log:
+        f"{LOGS}/search/{{model}}_{{method}}_{{budget}}.log",
+    benchmark:
+        f"{LOGS}/benchmarks/search/{{model}}_{{method}}_{{budget}}.tsv"
+    shell:
+        "{PY} -m kvshare.search {params.hydra} model={wildcards.model} search.model_dir={input.model} "
+        "search.method={wildcards.method} search.budget={wildcards.budget} search.out={output} > {log} 2>&1"
