@@ -9,6 +9,8 @@ exit status 2, instead of Hydra's multi-line report.
 
 from __future__ import annotations
 
+import logging
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -16,6 +18,7 @@ from pathlib import Path
 import hydra
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
+from transformers.utils import logging as transformers_logging
 
 from kvshare.errors import KVShareError
 
@@ -54,6 +57,10 @@ def entry(stage: str, run: Callable[[DictConfig], object]) -> Callable[[], None]
             fail(stage, str(e))
 
     def main() -> None:
+        # Keep stderr for what matters: MLflow's store-migration notices and weight-loading bars are noise here.
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # read when mlflow is first imported
+        logging.getLogger("mlflow").setLevel(logging.WARNING)  # and where it already was
+        transformers_logging.disable_progress_bar()
         _check_overrides(stage, sys.argv[1:])
         _app()
 

@@ -26,16 +26,19 @@ exact stage 2 (a DP), which is the default.
 
 from __future__ import annotations
 
+import multiprocessing
 import sys
-from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 from pymoo.algorithms.moo.nsga2 import NSGA2, binary_tournament
 from pymoo.core.crossover import Crossover
 from pymoo.core.duplicate import DuplicateElimination
+from pymoo.core.infill import InfillCriterion
 from pymoo.core.mating import Mating
 from pymoo.core.mutation import Mutation
+from pymoo.core.population import Population
 from pymoo.core.problem import Problem
 from pymoo.core.repair import Repair
 from pymoo.core.sampling import Sampling
@@ -53,7 +56,8 @@ from kvshare.errors import KVShareError
 from kvshare.wse import canonical_rows, n_groups, wse_population
 
 OPERATORS = ("partition", "paper")
-MATING_TRIES = 5  # pymoo re-mates until offspring are new; tiny layers run out of new groupings fast
+MATING_TRIES = 5  # mating rounds until offspring are new; tiny layers run out of new groupings fast
+OVERSAMPLE = 1.5  # children bred per offspring wanted, so duplicates rarely cost a second mating round
 
 
 @dataclass
@@ -141,27 +145,33 @@ class AlignedUniformCrossover(Crossover):
 
     def __init__(self, prob: float = 0.9):
         super().__init__(2, 2, prob=prob)
+        self.p = prob
 
     def _do(self, problem, x, *args, random_state=None, **kwargs):
-        n = problem.n_var
-        a, b = canonical_rows(labels_of(x[0], n)), canonical_rows(labels_of(x[1], n))
-        m = len(a)
-        cell = (np.arange(m)[:, None] * n + a) * n + b
-        overlap = np.bincount(cell.ravel(), minlength=m * n * n).reshape(m, n, n)  # [mating, a id, b id]
-        best_a = overlap.argmax(axis=1)  # (m, n): for each B group, its best A group
-        claim = overlap.argmax(axis=2)  # (m, n): for each A group, the B group that matches it best
-        rows = np.arange(m)[:, None]
-        mapped = np.where(claim[rows, best_a] == np.arange(n), best_a, n + np.arange(n))
-        b2 = mapped[rows, b]
-        mix = random_state.random((m, n)) < 0.5
-        # fresh ids go up to 2n-1; canonical relabelling brings them back into 0..n-1
-        return np.stack([canonical_rows(np.where(mix, a, b2)), canonical_rows(np.where(mix, b2, a))])
+        a, b = (canonical_rows(labels_of(p, problem.n_var)) for p in x)
+        return np.stack([canonical_rows(c) for c in recombine(a, b, random_state)])
+
+
+def recombine(a: np.ndarray, b: np.ndarray, rng) -> tuple[np.ndarray, np.ndarray]:
+    """Two children of canonical parents ``a`` and ``b`` (m, n); their ids lie in 0..2n-1, not canonical."""
+    m, n = a.shape
+    cell = (np.arange(m)[:, None] * n + a) * n + b
+    overlap = np.bincount(cell.ravel(), minlength=m * n * n).reshape(m, n, n)  # [mating, a id, b id]
+    best_a = overlap.argmax(axis=1)  # (m, n): for each B group, its best A group
+    claim = overlap.argmax(axis=2)  # (m, n): for each A group, the B group that matches it best
+    rows = np.arange(m)[:, None]
+    mapped = np.where(claim[rows, best_a] == np.arange(n), best_a, n + np.arange(n))
+    b2 = mapped[rows, b]
+    mix = rng.random((m, n)) < 0.5
+    return np.where(mix, a, b2), np.where(mix, b2, a)
 
 
 class PartitionMutation(Mutation):
-    """Each head triggers a move with probability ``prob_var``; a move is one of ``AC_MOVES`` / ``EC_MOVES``.
+    """One move per child, plus one more per other head with probability ``prob_var`` (an unchanged child
 
-    A count change under EC (merge or split) is evened out by BalanceRepair.
+    is a duplicate, which pymoo would only mate again). A move is one of
+    ``AC_MOVES`` / ``EC_MOVES``; a count change under EC (merge or split) is
+    evened out by BalanceRepair.
     """
 
     AC_MOVES = ("move", "merge_split", "guided_move", "guided_swap")
@@ -171,46 +181,144 @@ class PartitionMutation(Mutation):
         super().__init__(prob=1.0, prob_var=prob_var)
 
     def _do(self, problem, x, *args, random_state=None, **kwargs):
+        p_var = self.get_prob_var(problem, size=1)[0]
+        return mutate(problem.dist, labels_of(x, problem.n_var), problem.equal_sizes, p_var, random_state)
+
+
+def mutate(dist: np.ndarray, x: np.ndarray, equal_sizes: bool, p_var: float, rng) -> np.ndarray:
+    """Apply each row's moves in rounds; in a round every row still due a move makes one, of a random kind."""
+    x = canonical_rows(x)
+    n = x.shape[1]
+    kinds = PartitionMutation.EC_MOVES if equal_sizes else PartitionMutation.AC_MOVES
+    moves = 1 + rng.binomial(n - 1, p_var, size=len(x))
+    for t in range(int(moves.max(initial=0))):
+        active = np.flatnonzero(moves > t)
+        if t:
+            x[active] = canonical_rows(x[active])
+        kind = rng.integers(len(kinds), size=len(active))
+        for j, name in enumerate(kinds):
+            rows = active[kind == j]
+            if len(rows):
+                x[rows] = MOVES[name](dist, x[rows], rng)
+    return x
+
+
+def _move(dist, x, rng):
+    """A random head to another group or a new one."""
+    m, n = x.shape
+    k = x.max(axis=1) + 1
+    x[np.arange(m), rng.integers(n, size=m)] = (rng.random(m) * np.minimum(k + 1, n)).astype(np.int64)
+    return x
+
+
+def _swap(dist, x, rng):
+    m, n = x.shape
+    rows, i, j = np.arange(m), rng.integers(n, size=m), rng.integers(n, size=m)
+    x[rows, i], x[rows, j] = x[rows, j], x[rows, i].copy()
+    return x
+
+
+def _merge_split(dist, x, rng):
+    """Merge two random groups, or split a random head's group in two at random."""
+    m, n = x.shape
+    k = x.max(axis=1) + 1
+    merge = (k > 1) & ((k == n) | (rng.random(m) < 0.5))
+    a = (rng.random(m) * k).astype(np.int64)
+    b = (a + 1 + (rng.random(m) * (k - 1)).astype(np.int64)) % k
+    merged = np.where(x == b[:, None], a[:, None], x)
+    g = x[np.arange(m), rng.integers(n, size=m)]
+    split = np.where((x == g[:, None]) & (rng.random((m, n)) < 0.5), k[:, None], x)
+    return np.where(merge[:, None], merged, split)
+
+
+def _guided(dist, x, rng, swap):
+    """A random head's best move to another existing group, or its best swap, by the exact WSE change.
+
+    The best one is taken even if it raises WSE: a mutation that does nothing at
+    a local optimum would only produce a duplicate.
+    """
+    m, n = x.shape
+    rows, heads = np.arange(m), np.arange(n)
+    onehot = (x[:, :, None] == heads).astype(float)  # (m, head, group)
+    r = np.matmul(dist, onehot)  # r[row, j, g] = sum of D from head j to group g
+    s = np.einsum("mjg,mjg->mg", onehot, r) / 2.0  # pair sums inside groups
+    size = onehot.sum(axis=1)
+    i = rng.integers(n, size=m)
+    a = x[rows, i]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        if swap:  # exchange i with j (group b): both groups keep their sizes
+            b = x
+            gain = (r[rows[:, None], heads, a[:, None]] - r[rows, i, a][:, None] - dist[i]) / size[rows, a][:, None]
+            gain += (r[rows[:, None], i[:, None], b] - r[rows[:, None], heads, b] - dist[i]) / size[rows[:, None], b]
+            gain[b == a[:, None]] = np.inf
+            j = gain.argmin(axis=1)
+            ok = np.isfinite(gain[rows, j])
+            rows, i, j = rows[ok], i[ok], j[ok]
+            x[rows, i], x[rows, j] = x[rows, j], x[rows, i].copy()
+            return x
+        sa, sum_a = size[rows, a], s[rows, a]
+        leave = np.where(sa > 1, (sum_a - r[rows, i, a]) / np.maximum(sa - 1, 1) - sum_a / sa, 0.0)
+        join = (s + r[rows, i]) / (size + 1) - s / size + leave[:, None]
+    join[(size == 0) | (heads == a[:, None])] = np.inf
+    g = join.argmin(axis=1)
+    ok = np.isfinite(join[rows, g])
+    x[rows[ok], i[ok]] = g[ok]
+    return x
+
+
+MOVES = {
+    "move": _move,
+    "swap": _swap,
+    "merge_split": _merge_split,
+    "guided_move": lambda dist, x, rng: _guided(dist, x, rng, swap=False),
+    "guided_swap": lambda dist, x, rng: _guided(dist, x, rng, swap=True),
+}
+
+
+class PartitionMating(InfillCriterion):
+    """NSGA-II mating (binary tournament by dominance, then crowding), repair and duplicate removal on arrays.
+
+    The same steps as pymoo's ``Mating`` + ``Repair`` + duplicate elimination
+    with the operators above, done on whole arrays: pymoo's per-individual
+    bookkeeping would otherwise cost more than everything else for a 32-head
+    layer. It breeds ``OVERSAMPLE`` times the offspring wanted per round, so one
+    round usually yields enough new groupings.
+    """
+
+    def __init__(self, crossover: AlignedUniformCrossover, mutation: PartitionMutation, fix: Repair):
+        super().__init__(n_max_iterations=1)  # the rounds happen inside _do
+        self.crossover, self.mutation, self.fix = crossover, mutation, fix
+
+    def _do(self, problem, pop, n_offsprings, random_state=None, **kwargs):
         rng = random_state
-        x = canonical_rows(labels_of(x, problem.n_var))
-        kinds = self.EC_MOVES if problem.equal_sizes else self.AC_MOVES
-        moves = rng.binomial(problem.n_var, self.get_prob_var(problem, size=1)[0], size=len(x))
-        for r in np.flatnonzero(moves):
-            row = x[r]
-            for kind in rng.integers(len(kinds), size=moves[r]):
-                row = canonical_row(move(problem.dist, row, kinds[kind], rng))
-            x[r] = row
-        return x
-
-
-def canonical_row(row: np.ndarray) -> np.ndarray:
-    """:func:`kvshare.wse.canonical_rows` for one row (fewer array calls)."""
-    _, first, inverse = np.unique(row, return_index=True, return_inverse=True)
-    rank = np.empty(len(first), dtype=np.int64)
-    rank[np.argsort(first)] = np.arange(len(first))
-    return rank[inverse]
-
-
-def move(dist: np.ndarray, row: np.ndarray, kind: str, rng) -> np.ndarray:
-    """One move on a canonical grouping (ids 0..k-1, all used); the result may leave an id unused."""
-    n, k = len(row), int(row.max()) + 1
-    i = int(rng.integers(n))
-    row = row.copy()
-    if kind == "move":  # to another group or a new one
-        row[i] = rng.integers(k + 1)
-    elif kind == "swap":
-        j = int(rng.integers(n))
-        row[i], row[j] = row[j], row[i]
-    elif kind == "merge_split":
-        if k > 1 and (k == n or rng.random() < 0.5):
-            a, b = rng.choice(k, 2, replace=False)
-            row[row == b] = a
-        else:
-            members = np.flatnonzero(row == row[i])
-            row[members[rng.random(len(members)) < 0.5]] = k
-    else:
-        row = guided_move(dist, row, i, swap=kind == "guided_swap")
-    return row
+        x, f, crowd = pop.get("X", "F", "crowding")
+        x = x.astype(np.int64)  # canonical: every member went through ``fix``
+        seen = {r.tobytes() for r in x}
+        p_var = self.mutation.get_prob_var(problem, size=1)[0]
+        new: list[np.ndarray] = []
+        for _ in range(MATING_TRIES):
+            n_mat = int(np.ceil((n_offsprings - len(new)) * OVERSAMPLE / 2))
+            a, b = rng.integers(len(pop), size=(2, 2 * n_mat))
+            a_wins = np.all(f[a] <= f[b], axis=1) & np.any(f[a] < f[b], axis=1)
+            b_wins = np.all(f[b] <= f[a], axis=1) & np.any(f[b] < f[a], axis=1)
+            tie = ~a_wins & ~b_wins
+            a_wins |= tie & ((crowd[a] > crowd[b]) | (crowd[a] == crowd[b]) & (rng.random(len(a)) < 0.5))
+            parents = np.where(a_wins, a, b).reshape(2, n_mat)
+            p1, p2 = x[parents[0]], x[parents[1]]
+            c1, c2 = recombine(p1, p2, rng)
+            cross = (rng.random(n_mat) < self.crossover.p)[:, None]
+            children = np.concatenate([np.where(cross, c1, p1), np.where(cross, c2, p2)])
+            children = self.fix._do(
+                problem, mutate(problem.dist, children, problem.equal_sizes, p_var, rng), random_state=rng
+            )
+            for row in children:
+                key = row.tobytes()
+                if key not in seen:
+                    seen.add(key)
+                    new.append(row)
+            if len(new) >= n_offsprings:
+                break
+        return Population.new("X", np.array(new[:n_offsprings], dtype=np.int64).reshape(-1, problem.n_var))
 
 
 def group_stats(dist: np.ndarray, row: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -220,29 +328,6 @@ def group_stats(dist: np.ndarray, row: np.ndarray) -> tuple[np.ndarray, np.ndarr
     onehot[np.arange(len(row)), row] = 1.0
     r = dist @ onehot
     return r, np.einsum("ig,ig->g", onehot, r) / 2.0, onehot.sum(axis=0)
-
-
-def guided_move(dist: np.ndarray, row: np.ndarray, i: int, swap: bool) -> np.ndarray:
-    """Head ``i``'s best move to another existing group (or best swap), by its exact WSE change."""
-    r, s, size = group_stats(dist, row)
-    a = row[i]
-    row = row.copy()
-    if swap:  # exchange i with j in group b: both groups keep their sizes
-        b = row
-        gain = (r[:, a] - r[i, a] - dist[i]) / size[a] + (r[i, b] - r[np.arange(len(row)), b] - dist[i]) / size[b]
-        gain[b == a] = np.inf
-        j = int(np.argmin(gain))
-        if gain[j] < 0:
-            row[i], row[j] = row[j], row[i]
-        return row
-    if size[a] < 2:
-        return row
-    delta = (s + r[i]) / (size + 1) - s / size + (s[a] - r[i, a]) / (size[a] - 1) - s[a] / size[a]
-    delta[a] = np.inf
-    g = int(np.argmin(delta))
-    if delta[g] < 0:
-        row[i] = g
-    return row
 
 
 class CanonicalRepair(Repair):
@@ -295,45 +380,52 @@ def balance_rows(x: np.ndarray, counts: np.ndarray, rng) -> np.ndarray:
 
 
 class PartitionDuplicates(DuplicateElimination):
-    """Duplicates are equal groupings, whatever the ids: compare canonical rows by hash."""
+    """Duplicates are equal groupings, whatever the ids: compare canonical rows by hash.
+
+    With ``canonical`` the rows already are canonical (the Repair made them so).
+    """
+
+    def __init__(self, canonical: bool = False):
+        super().__init__()
+        self.canonical = canonical
+
+    def keys(self, pop) -> list[bytes]:
+        x = labels_of(pop.get("X"), pop[0].X.shape[0])
+        return [r.tobytes() for r in (x if self.canonical else canonical_rows(x))]
 
     def _do(self, pop, other, is_duplicate):
-        n = pop[0].X.shape[0]
-        keys = [r.tobytes() for r in canonical_rows(labels_of(pop.get("X"), n))]
+        keys = self.keys(pop)
         if other is None:
             seen: set[bytes] = set()
             for i, key in enumerate(keys):
                 is_duplicate[i] = key in seen
                 seen.add(key)
         else:
-            known = {r.tobytes() for r in canonical_rows(labels_of(other.get("X"), n))}
+            known = set(self.keys(other))
             is_duplicate |= np.array([key in known for key in keys])
         return is_duplicate
 
 
 def stage1_algorithm(problem: GroupingProblem, s: NSGASettings, seeds: np.ndarray | None) -> NSGA2:
-    n = problem.n_var
-    p_var = s.mutation_prob if s.mutation_prob is not None else 1.0 / n
-    repair = BalanceRepair() if problem.equal_sizes else CanonicalRepair()
-    if s.operators == "paper":
-        sampling = IntegerRandomSampling()
-        crossover = SBX(prob=s.crossover_prob, eta=15, vtype=float, repair=RoundingRepair())
-        mutation = PM(prob=1.0, prob_var=p_var, eta=20, vtype=float, repair=RoundingRepair())
-        if not problem.equal_sizes:
-            repair = None  # the paper's AC keeps raw ids; duplicates are still found by grouping
-    else:
+    p_var = s.mutation_prob if s.mutation_prob is not None else 1.0 / problem.n_var
+    if s.operators == "partition":
+        repair = BalanceRepair() if problem.equal_sizes else CanonicalRepair()
+        duplicates = PartitionDuplicates(canonical=True)
         sampling = PartitionSampling(seeds if s.seed_greedy else None)
-        crossover = AlignedUniformCrossover(s.crossover_prob)
-        mutation = PartitionMutation(p_var)
-    duplicates = PartitionDuplicates()
-    mating = Mating(
-        TournamentSelection(func_comp=binary_tournament),
-        crossover,
-        mutation,
-        repair=repair,
-        eliminate_duplicates=duplicates,
-        n_max_iterations=MATING_TRIES,
-    )
+        mating = PartitionMating(AlignedUniformCrossover(s.crossover_prob), PartitionMutation(p_var), repair)
+    else:
+        # the paper's AC keeps raw ids (duplicates are still found by grouping); EC needs the balance repair
+        repair = BalanceRepair() if problem.equal_sizes else None
+        duplicates = PartitionDuplicates(canonical=repair is not None)
+        sampling = IntegerRandomSampling()
+        mating = Mating(
+            TournamentSelection(func_comp=binary_tournament),
+            SBX(prob=s.crossover_prob, eta=15, vtype=float, repair=RoundingRepair()),
+            PM(prob=1.0, prob_var=p_var, eta=20, vtype=float, repair=RoundingRepair()),
+            repair=repair,
+            eliminate_duplicates=duplicates,
+            n_max_iterations=MATING_TRIES,
+        )
     return NSGA2(pop_size=s.pop_size, sampling=sampling, mating=mating, repair=repair, eliminate_duplicates=duplicates)
 
 
@@ -372,37 +464,68 @@ def stage1(
     settings: NSGASettings,
     seeds: list[np.ndarray] | None = None,
     progress: bool = True,
-    on_generation: Callable[[int, np.ndarray], None] | None = None,
+    workers: int = 1,
 ) -> Stage1Result:
-    """NSGA-II on every layer in lockstep; each layer's archive of best-per-count is its front."""
+    """NSGA-II on every layer; each layer's archive of best-per-count is its front.
+
+    Layers are split into ``workers`` contiguous chunks, one per process (the
+    first in this one, which drives the progress bar); layer i always uses seed
+    ``settings.seed + i``, so the result does not depend on ``workers``.
+    """
+    workers = max(1, min(int(workers), len(dists)))
+    bounds = np.linspace(0, len(dists), workers + 1).astype(int)
+    chunks = [(int(lo), int(hi)) for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)]
+
+    def args(lo, hi):
+        return dists[lo:hi], equal_sizes, settings, None if seeds is None else seeds[lo:hi], lo
+
+    if workers == 1:
+        parts = [_stage1_layers(*args(0, len(dists)), progress=progress)]
+    else:
+        # fork: the children need only numpy and pymoo, and start at once
+        with ProcessPoolExecutor(workers - 1, mp_context=multiprocessing.get_context("fork")) as pool:
+            futures = [pool.submit(_stage1_layers, *args(lo, hi)) for lo, hi in chunks[1:]]
+            parts = [_stage1_layers(*args(*chunks[0]), progress=progress)] + [f.result() for f in futures]
+    return Stage1Result(
+        [x for p in parts for x in p.groupings],
+        [f for p in parts for f in p.errors],
+        np.concatenate([p.hv_history for p in parts], axis=1),
+        sum(p.evaluations for p in parts),
+    )
+
+
+def _stage1_layers(dists, equal_sizes, settings, seeds, first_layer, progress=False) -> Stage1Result:
+    """All given layers in lockstep (one ask/tell per layer per generation)."""
     problems = [GroupingProblem(d, equal_sizes) for d in dists]
     algos = []
     for i, problem in enumerate(problems):
         algo = stage1_algorithm(problem, settings, None if seeds is None else seeds[i])
-        algo.setup(problem, termination=NoTermination(), seed=settings.seed + i)
+        algo.setup(problem, termination=NoTermination(), seed=settings.seed + first_layer + i)
         algos.append(algo)
-    n_layers = len(dists)
     best_x = [np.zeros((p.n_var, p.n_var), dtype=np.int64) for p in problems]
     best_f = [np.full(p.n_var, np.inf) for p in problems]
     scale = [float(wse_population(d, np.zeros((1, d.shape[0]), dtype=np.int64))[0]) for d in dists]
     for x, f, one_group in zip(best_x, best_f, scale, strict=True):  # both ends of every front are known
         x[-1], f[-1] = np.arange(len(f)), 0.0
         x[0], f[0] = 0, one_group
-    hv = np.zeros((settings.generations + 1, n_layers))
+    hv = np.zeros((settings.generations + 1, len(dists)))
+    done = [False] * len(dists)
     evaluations = 0
     bar = tqdm(total=settings.generations + 1, desc="stage 1 NSGA-II", file=sys.stderr, disable=not progress)
     for gen in range(settings.generations + 1):  # generation 0 is the initial population
         for i, (algo, problem) in enumerate(zip(algos, problems, strict=True)):
-            pop = algo.ask()
+            pop = None if done[i] else algo.ask()
+            if pop is None:  # no new grouping left to breed (small layers): the search of this layer is over
+                done[i] = True
+                hv[gen, i] = hv[gen - 1, i]
+                continue
             algo.evaluator.eval(problem, pop)
             algo.tell(infills=pop)
             evaluations += len(pop)
-            labels = canonical_rows(labels_of(pop.get("X"), problem.n_var))
-            f = pop.get("F")
-            _archive(best_x[i], best_f[i], labels, f)
+            x, f = pop.get("X", "F")
+            x = labels_of(x, problem.n_var)
+            _archive(best_x[i], best_f[i], x if settings.operators == "partition" else canonical_rows(x), f)
             hv[gen, i] = layer_hypervolume(best_f[i], scale[i])
-        if on_generation is not None:
-            on_generation(gen, hv[gen])
         bar.update()
     bar.close()
     return Stage1Result(best_x, best_f, hv, evaluations)

@@ -202,15 +202,13 @@ class Plan:
 
 def cla_pattern(num_layers: int, spec: str | int | list[int]) -> list[int]:
     """The producer of each layer for a CLA spec: ``2`` or ``"cla2"`` (pairs), ``3``, or an explicit list."""
-    if isinstance(spec, str) and spec.lower().startswith("cla"):
-        spec = spec[3:]
     if isinstance(spec, (list, tuple)):
         pattern = [int(x) for x in spec]
         if len(pattern) != num_layers:
             raise KVShareError(f"CLA pattern has {len(pattern)} entries but the model has {num_layers} layers")
         return pattern
     try:
-        k = int(spec)
+        k = int(spec[3:] if isinstance(spec, str) and spec.lower().startswith("cla") else spec)
     except (TypeError, ValueError):
         raise KVShareError(
             f"CLA spec {spec!r} is not known; use cla2, cla3, ... or a list of producer layers"

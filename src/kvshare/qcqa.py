@@ -294,7 +294,7 @@ def layer_fronts(
     solver: str = "greedy",
     nsga_settings: NSGASettings | None = None,
     progress: bool = False,
-    on_generation=None,
+    workers: int = 1,
 ) -> tuple[list[LayerFront], dict]:
     """Stage 1 for every layer, and what it cost."""
     if solver not in SOLVERS:
@@ -313,7 +313,7 @@ def layer_fronts(
     seeds = None
     if greedy is not None:
         seeds = [np.array([g for g in f.groupings if g is not None], dtype=np.int64) for f in greedy]
-    r = nsga.stage1(dists, equal_sizes, s, seeds, progress, on_generation)
+    r = nsga.stage1(dists, equal_sizes, s, seeds, progress, workers)
     fronts = [LayerFront.of(x, e) for x, e in zip(r.groupings, r.errors, strict=True)]
     return fronts, {"evaluations": r.evaluations, "hv_history": r.hv_history}
 
@@ -329,12 +329,12 @@ def search(
     nsga_settings: NSGASettings | None = None,
     stage2_settings: NSGASettings | None = None,
     progress: bool = False,
-    on_generation=None,
+    workers: int = 1,
 ) -> SearchResult:
     """Groupings of every layer using at most ``max_heads`` KV heads in all, least summed WSE.
 
     ``groups`` fixes the count of every grouped layer (the paper's binary
-    choice per layer); ``on_generation(gen, hv_per_layer)`` sees NSGA-II's progress.
+    choice per layer); ``workers`` processes share NSGA-II's layers.
     """
     if stage2 not in STAGE2:
         raise KVShareError(f"search.stage2={stage2!r} is not known; use one of {', '.join(STAGE2)}")
@@ -347,7 +347,7 @@ def search(
             "one per layer: raise search.budget"
         )
     t0 = time.perf_counter()
-    fronts, info = layer_fronts(dists, equal_sizes, solver, nsga_settings, progress, on_generation)
+    fronts, info = layer_fronts(dists, equal_sizes, solver, nsga_settings, progress, workers)
     t1 = time.perf_counter()
     if stage2 == "dp":
         counts = allocate(fronts, max_heads, groups)

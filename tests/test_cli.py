@@ -1,0 +1,96 @@
+"""Bad input ends in one line naming the value, exit status 2, and no output written."""
+
+import json
+
+import pytest
+
+from kvshare import convert, evaluate, search
+from kvshare.models import save_model
+from kvshare.plan import ModelShape, Plan
+from tests.builders import tiny_llama
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, models
+
+    path = tmp_path_factory.mktemp("model") / "tiny"
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"<unk>": 0}, unk_token="<unk>")))
+    save_model(tiny_llama(heads=4, kv_heads=4, layers=2), tok, path)
+    return path
+
+
+def run_stage(stage, monkeypatch, capsys, tmp_path, *args):
+    common = [f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db", f"hydra.run.dir={tmp_path}/hydra"]
+    monkeypatch.setattr("sys.argv", [stage.__name__, *common, *args])
+    with pytest.raises(SystemExit) as exit_info:
+        stage.main()
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2
+    assert len(err.splitlines()) == 1, err
+    return err
+
+
+@pytest.mark.parametrize(
+    "args, named",
+    [
+        (["search.method=foo", "search.budget=0.5"], "search.method='foo'"),
+        (["search.method=gqa", "search.budget=abc"], "search.budget='abc'"),
+        (["search.method=gqa", "search.budget=0.01"], "raise search.budget"),
+        (["search.method=gqa", "search.budgt=0.5"], "search.budgt"),
+        (["search.method=gqa", "model=nosuch"], "model/nosuch"),
+    ],
+)
+def test_search_bad_input(args, named, model_dir, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "plan.json"
+    err = run_stage(search, monkeypatch, capsys, tmp_path, f"search.model_dir={model_dir}", f"search.out={out}", *args)
+    assert err.startswith("kvshare") and named in err
+    assert not out.exists()
+
+
+def test_missing_model_dir(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "plan.json"
+    err = run_stage(
+        search, monkeypatch, capsys, tmp_path, f"search.model_dir={tmp_path}/none", "search.method=gqa", f"search.out={out}"
+    )
+    assert f"{tmp_path}/none" in err and not out.exists()
+
+
+def plan_file(tmp_path, name, content):
+    path = tmp_path / name
+    path.write_text(content if isinstance(content, str) else json.dumps(content))
+    return path
+
+
+@pytest.mark.parametrize("case", ["other_model", "malformed", "later_layer"])
+def test_convert_bad_plan(case, model_dir, tmp_path, monkeypatch, capsys):
+    good = Plan.identity(ModelShape(2, 4, 4, 8)).to_dict()
+    if case == "other_model":
+        content, named = Plan.identity(ModelShape(3, 4, 4, 8)).to_dict(), "plan is for a model of shape"
+    elif case == "malformed":
+        content, named = '{"format": "kvshare.plan/1", "layers": [', "not valid JSON"
+    else:
+        good["layers"][0]["kv_layer"] = 1
+        content, named = good, "layer 0 uses the K/V of layer 1"
+    plan = plan_file(tmp_path, "plan.json", content)
+    out = tmp_path / "ckpt"
+    err = run_stage(
+        convert, monkeypatch, capsys, tmp_path, f"convert.model_dir={model_dir}", f"convert.plan={plan}", f"convert.out={out}"
+    )
+    assert named in err and not out.exists()
+
+
+def test_evaluate_needs_a_kvshare_checkpoint(model_dir, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "m.json"
+    err = run_stage(
+        evaluate,
+        monkeypatch,
+        capsys,
+        tmp_path,
+        f"evaluate.checkpoint={model_dir}",
+        f"evaluate.base_dir={model_dir}",
+        f"evaluate.data_dir={tmp_path}",
+        f"evaluate.out={out}",
+    )
+    assert "kvshare_spec.json" in err and not out.exists()

@@ -1,0 +1,93 @@
+"""Each stage's run(cfg) on a tiny model built from the real pydoc corpus, in-process."""
+
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from kvshare import convert, evaluate, finetune, prepare, search, tokenize
+from kvshare.data import load_tokens
+from kvshare.fronts import pareto_mask
+from kvshare.models import load_model
+from kvshare.pareto import plot
+from tests.builders import make_cfg
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipe")
+
+    def cfg(*o):
+        return make_cfg(root, "model.num_hidden_layers=2", *o)
+
+    prepare.run(cfg(f"prepare.out={root}/base"))
+    tokenize.run(cfg(f"tokenize.model_dir={root}/base", f"tokenize.out={root}/data"))
+    search.run(cfg(f"search.model_dir={root}/base", "search.method=gqa", "search.budget=0.5", f"search.out={root}/p.json"))
+    convert.run(cfg(f"convert.model_dir={root}/base", f"convert.plan={root}/p.json", f"convert.out={root}/ck"))
+    return root, cfg
+
+
+def test_finetune_lowers_heldout_loss_and_writes_a_checkpoint(pipeline):
+    root, cfg = pipeline
+    out = finetune.run(
+        cfg(
+            f"finetune.checkpoint={root}/ck",
+            f"finetune.data_dir={root}/data",
+            f"finetune.out={root}/ft",
+            "finetune.max_steps=40",
+            "finetune.lr=3e-3",
+            "finetune.seq_len=64",
+        )
+    )
+    assert out["heldout_loss_after"] < out["heldout_loss_before"] - 0.5
+    spec = json.loads((root / "ft" / "kvshare_spec.json").read_text())
+    assert set(spec["runs"]) == {"search", "convert", "finetune"}
+
+
+def test_evaluate_perplexity_equals_direct_computation(pipeline):
+    root, cfg = pipeline
+    summary = evaluate.run(
+        cfg(
+            f"evaluate.checkpoint={root}/ck",
+            f"evaluate.base_dir={root}/base",
+            f"evaluate.data_dir={root}/data",
+            f"evaluate.out={root}/m.json",
+            "evaluate.seq_len=32",
+            "evaluate.max_windows=3",
+        )
+    )
+    model, _ = load_model(root / "ck")
+    val = torch.from_numpy(np.asarray(load_tokens(root / "data", "val")[: 3 * 32], dtype=np.int64)).view(3, 32)
+    with torch.no_grad():
+        logits = model(val).logits[:, :-1]
+    direct = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), val[:, 1:].reshape(-1))
+    m = summary["metrics"]
+    assert m["perplexity"] == pytest.approx(math.exp(direct.item()), rel=1e-5)
+    assert m["eval_tokens"] == 3 * 31
+    assert m["cache_bytes_per_token_measured"] == m["cache_bytes_per_token_analytic"]
+    assert m["kv_fraction"] == 0.5 and 0 < m["top1_agreement"] <= 1 and m["kl_to_base"] > 0
+
+
+def test_pareto_front_on_hand_made_points():
+    cost = np.array([1.0, 2.0, 2.0, 3.0, 4.0, 4.0])
+    ppl = np.array([50.0, 30.0, 40.0, 30.0, 10.0, 10.0])
+    assert pareto_mask(cost, ppl, higher_is_better=False).tolist() == [True, True, False, False, True, True]
+    acc = np.array([0.3, 0.5, 0.5, 0.4, np.nan, 0.6])
+    assert pareto_mask(cost, acc, higher_is_better=True).tolist() == [True, True, True, False, False, True]
+
+
+def test_plot_is_written(tmp_path):
+    df = pd.DataFrame(
+        {
+            "variant": ["converted"] * 3,
+            "method": ["gqa", "qcqa-ac", "base"],
+            "kv_bytes_per_token": [10, 10, 20],
+            "perplexity": [30.0, 20.0, 10.0],
+            "front_perplexity": [False, True, True],
+        }
+    )
+    plot(df, "perplexity", tmp_path / "p.png", log_y=True)
+    assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"

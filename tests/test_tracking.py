@@ -1,0 +1,36 @@
+"""Many jobs logging to one fresh SQLite store at once all land."""
+
+import subprocess
+import sys
+
+import mlflow
+
+JOB = """
+import sys
+from hydra import compose, initialize_config_dir
+from kvshare.cli import CONF_DIR
+from kvshare.tracking import stage_run
+with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+    cfg = compose("config", [f"mlflow.tracking_uri=sqlite:///{sys.argv[1]}/mlflow.db", "study=parallel"])
+with stage_run(cfg, "probe", {"method": f"job{sys.argv[2]}"}) as run:
+    for step in range(5):
+        run.log_metrics({"x": step * int(sys.argv[2])}, step=step)
+    run.log_metrics({"done": 1.0})
+"""
+
+
+def test_eight_parallel_jobs_on_a_fresh_store_all_land(tmp_path):
+    procs = [
+        subprocess.Popen([sys.executable, "-c", JOB, str(tmp_path), str(i)], stderr=subprocess.PIPE, text=True)
+        for i in range(8)
+    ]
+    errors = [p.communicate()[1] for p in procs]
+    assert all(p.returncode == 0 for p in procs), errors
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    runs = mlflow.search_runs(experiment_names=["parallel"])
+    assert len(runs) == 8
+    assert set(runs["tags.kvshare.method"]) == {f"job{i}" for i in range(8)}
+    assert (runs["status"] == "FINISHED").all() and (runs["metrics.done"] == 1.0).all()
+    assert "params.finetune.lr" in runs.columns  # the resolved config is logged as params
+    client = mlflow.tracking.MlflowClient()
+    assert all(len(client.get_metric_history(r, "x")) == 5 for r in runs.run_id)
