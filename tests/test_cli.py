@@ -52,7 +52,13 @@ def test_search_bad_input(args, named, model_dir, tmp_path, monkeypatch, capsys)
 def test_missing_model_dir(tmp_path, monkeypatch, capsys):
     out = tmp_path / "plan.json"
     err = run_stage(
-        search, monkeypatch, capsys, tmp_path, f"search.model_dir={tmp_path}/none", "search.method=gqa", f"search.out={out}"
+        search,
+        monkeypatch,
+        capsys,
+        tmp_path,
+        f"search.model_dir={tmp_path}/none",
+        "search.method=gqa",
+        f"search.out={out}",
     )
     assert f"{tmp_path}/none" in err and not out.exists()
 
@@ -76,7 +82,13 @@ def test_convert_bad_plan(case, model_dir, tmp_path, monkeypatch, capsys):
     plan = plan_file(tmp_path, "plan.json", content)
     out = tmp_path / "ckpt"
     err = run_stage(
-        convert, monkeypatch, capsys, tmp_path, f"convert.model_dir={model_dir}", f"convert.plan={plan}", f"convert.out={out}"
+        convert,
+        monkeypatch,
+        capsys,
+        tmp_path,
+        f"convert.model_dir={model_dir}",
+        f"convert.plan={plan}",
+        f"convert.out={out}",
     )
     assert named in err and not out.exists()
 

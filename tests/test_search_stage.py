@@ -40,7 +40,7 @@ def root(tmp_path_factory):
 def run(root, tmp_path, method, budget, *extra, model="mha"):
     out = tmp_path / f"{method}.json"
     cfg = make_cfg(
-        tmp_path,
+        root,  # one MLflow store for the module: creating its tables costs seconds
         f"search.model_dir={root / model}",
         f"search.method={method}",
         f"search.budget={budget}",
@@ -49,7 +49,7 @@ def run(root, tmp_path, method, budget, *extra, model="mha"):
         *extra,
     )
     search.run(cfg)
-    return Plan.load(out), tmp_path / "mlflow.db"
+    return Plan.load(out), root / "mlflow.db"
 
 
 @pytest.mark.parametrize("method", ["qcqa-ac", "qcqa-ec", "gqa", "mqa", "random", "qcqa-ac+cla2"])

@@ -25,7 +25,9 @@ def pipeline(tmp_path_factory):
 
     prepare.run(cfg(f"prepare.out={root}/base"))
     tokenize.run(cfg(f"tokenize.model_dir={root}/base", f"tokenize.out={root}/data"))
-    search.run(cfg(f"search.model_dir={root}/base", "search.method=gqa", "search.budget=0.5", f"search.out={root}/p.json"))
+    search.run(
+        cfg(f"search.model_dir={root}/base", "search.method=gqa", "search.budget=0.5", f"search.out={root}/p.json")
+    )
     convert.run(cfg(f"convert.model_dir={root}/base", f"convert.plan={root}/p.json", f"convert.out={root}/ck"))
     return root, cfg
 

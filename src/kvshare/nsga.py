@@ -577,6 +577,8 @@ def stage2_binary(
     bits, objs, evaluations = [], [], 0
     for _ in range(settings.generations + 1):
         pop = algo.ask()
+        if pop is None:  # every choice of layers already seen (few layers)
+            break
         algo.evaluator.eval(problem, pop)
         algo.tell(infills=pop)
         evaluations += len(pop)

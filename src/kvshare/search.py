@@ -262,8 +262,8 @@ def _log(mlrun, plan: Plan, out: str, result: qcqa.SearchResult, dists: list[np.
         "wall_seconds": meta["wall_seconds"],
     }
     for key in ("hypervolume", "stage1_seconds", "stage2_seconds"):
-        if key in meta:
-            metrics[key] = meta[key]
+        if key in meta:  # the stepped "hypervolume" is the history; this is the final fronts'
+            metrics[key + "_final" if key == "hypervolume" else key] = meta[key]
     for key, value in meta.get("proxy_check", {}).items():
         if key.startswith("rho"):
             metrics[f"proxy_{key}"] = value
