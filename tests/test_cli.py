@@ -12,8 +12,8 @@ from tests.builders import tiny_llama
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    from transformers import PreTrainedTokenizerFast
     from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
 
     path = tmp_path_factory.mktemp("model") / "tiny"
     tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"<unk>": 0}, unk_token="<unk>")))

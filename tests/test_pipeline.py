@@ -94,7 +94,7 @@ def test_killed_job_is_redone_and_nothing_earlier_is_lost(done):
     deadline, killed = time.time() + 120, 0
     while not killed and time.time() < deadline and proc.poll() is None:
         time.sleep(0.5)
-        killed = kill_matching(f"finetune.out=results/tiny/checkpoints/tiny/gqa/0.5/finetuned")
+        killed = kill_matching("finetune.out=results/tiny/checkpoints/tiny/gqa/0.5/finetuned")
     assert killed, "the finetune job never started"
     assert proc.wait() != 0  # Snakemake saw the job die
     assert not (ckpts / "finetuned").exists()  # nothing half-written
