@@ -13,7 +13,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 SNAKEMAKE = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--cores", "2", "--resources", "gpu=2"]
 CONFIG = ["--configfile", str(REPO / "workflow" / "config" / "tiny.yaml")]
-STAGES = ("prepare_model", "tokenize", "search", "convert", "finetune", "evaluate", "pareto")
+STAGES = ("prepare_model", "tokenize", "evaldata", "search", "convert", "finetune", "evaluate", "pareto")
 
 pytestmark = pytest.mark.slow
 
@@ -44,7 +44,7 @@ def test_dry_run_lists_every_stage(tmp_path):
 
 def test_dag_leaves_pareto_table_plot_and_a_run_per_job(done):
     results = done / "results" / "tiny"
-    for name in ("pareto.csv", "pareto.md", "pareto_perplexity.png"):
+    for name in ("pareto.csv", "pareto.md", "pareto_perplexity.png", "pareto_accuracy.png"):
         assert (results / name).stat().st_size > 0
     mlflow.set_tracking_uri(f"sqlite:///{done}/mlflow.db")
     runs = mlflow.search_runs(experiment_names=["tiny"])
@@ -52,10 +52,20 @@ def test_dag_leaves_pareto_table_plot_and_a_run_per_job(done):
     assert runs["tags.kvshare.invocation"].nunique() == 1
     counts = runs["tags.kvshare.stage"].value_counts().to_dict()
     variants = 4  # base, gqa, qcqa-ac, cla2 in workflow/config/tiny.yaml
-    assert counts == {"prepare": 1, "tokenize": 1, "search": 4, "convert": 4, "finetune": 4, "evaluate": 8, "pareto": 1}
+    assert counts == {
+        "prepare": 1,
+        "tokenize": 1,
+        "evaldata": 1,
+        "search": 4,
+        "convert": 4,
+        "finetune": 4,
+        "evaluate": 8,
+        "pareto": 1,
+    }
     assert runs["params.study"].eq("tiny").all()
     evaluated = runs[runs["tags.kvshare.stage"] == "evaluate"]
     assert evaluated["metrics.perplexity"].notna().all() and len(evaluated) == 2 * variants
+    assert evaluated["metrics.zeroshot_avg"].between(0, 1).all() and evaluated["metrics.n_piqa"].eq(8).all()
     assert set(evaluated["tags.kvshare.method"]) == {"base", "gqa", "qcqa-ac", "cla2"}
     lines = (results / "pareto.csv").read_text().splitlines()
     assert len(lines) == 1 + 2 * variants

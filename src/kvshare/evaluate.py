@@ -3,7 +3,8 @@
     python -m kvshare.evaluate evaluate.checkpoint=.../converted evaluate.base_dir=resources/models/tiny \
         evaluate.data_dir=resources/data/tiny/pydoc evaluate.out=results/smoke/metrics/tiny/gqa/0.5/converted.json
 
-Measures held-out perplexity, KL to the base model and top-1 agreement; KV
+Measures held-out perplexity, KL to the base model and top-1 agreement;
+zero-shot accuracy on lm-eval tasks (offline, see :mod:`kvshare.zeroshot`); KV
 bytes per token (analytic, 16-bit) and its fraction of the base model's; and
 the bytes the KV cache really holds after a forward over one window, which must
 equal the analytic size. Writes a JSON summary (with the lineage of run ids)
@@ -29,6 +30,28 @@ from kvshare.plan import Plan
 from kvshare.tracking import stage_run
 
 VARIANTS = ("converted", "finetuned")
+# The metric each task is usually reported by; their mean is the zero-shot average.
+PRIMARY = {"hellaswag": "acc_norm", "piqa": "acc_norm", "arc_easy": "acc_norm", "arc_challenge": "acc_norm"}
+
+
+def zeroshot_metrics(model, tokenizer, e: DictConfig, device) -> dict:
+    """Flat ``<metric>_<task>`` scores and their ``zeroshot_avg`` (empty when no task is configured)."""
+    if not e.tasks:
+        return {}
+    from kvshare.zeroshot import run_zeroshot
+
+    scores = run_zeroshot(
+        model,
+        tokenizer,
+        list(e.tasks),
+        e.eval_data_dir,
+        limit=e.limit,
+        batch_size=e.zeroshot_batch_size,
+        device=str(device),
+    )
+    flat = {f"{metric}_{task}": value for task, per in scores.items() for metric, value in per.items()}
+    flat["zeroshot_avg"] = sum(scores[t][PRIMARY.get(t, "acc")] for t in scores) / len(scores)
+    return flat
 
 
 @torch.no_grad()
@@ -50,10 +73,11 @@ def run(cfg: DictConfig) -> dict:
     with stage_run(cfg, "evaluate", tags) as mlrun:
         mlrun.set_tags({"kvshare.input_runs": ",".join(v for v in spec["runs"].values() if v)})
         t0 = time.perf_counter()
-        model, _ = load_model(e.checkpoint, device)
+        model, tokenizer = load_model(e.checkpoint, device)
         base, _ = load_model(e.base_dir, device)
         metrics = perplexity_and_agreement(model, batches, e.batch_size, base, device)
         del base
+        metrics |= zeroshot_metrics(model, tokenizer, e, device)
         dtype_bytes = next(model.parameters()).element_size()
         measured = measured_cache_bytes_per_token(model, batches[0].to(device))
         metrics |= {

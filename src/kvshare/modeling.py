@@ -10,8 +10,11 @@ The model is transformers' Llama with each attention module swapped for
 
 The cache therefore holds exactly the K/V the plan promises: one entry per
 storing layer, with that layer's own KV heads (never per-query-head copies).
-Contiguous equal groups take the native GQA path of the attention backend;
-other mappings gather K/V heads per query head just before attention.
+Contiguous equal groups take the native GQA path of the attention backend.
+Other mappings never copy K/V: the query heads are regrouped by KV head and
+padded to the largest group, so the backend sees equal groups; when one token
+is decoded (sdpa, eager) each group's query heads instead become query rows of
+its KV head, so each KV head is read once per step whatever the group sizes.
 
 This module imports only torch and transformers so it can be shipped beside a
 checkpoint as remote code (``trust_remote_code=True``); importing ``kvshare``
@@ -80,11 +83,20 @@ class SharedKVAttention(nn.Module):
         q_to_kv = config.q_to_kv[layer_idx]
         self.n_kv = max(q_to_kv) + 1
         group = _equal_contiguous(q_to_kv)
-        # Backends read num_key_value_groups to repeat K/V; a gathered layout is already per query head.
+        # Backends read num_key_value_groups to share K/V heads among query heads.
         self.num_key_value_groups = group or 1
-        # Not a buffer: from_pretrained builds modules on the meta device and would leave it unset.
-        self.kv_index = None
         self._q_to_kv = None if group is not None else list(q_to_kv)
+        # Unequal or non-contiguous groups: query head slots, KV head by KV head, each padded to the largest group.
+        self._gmax = max(q_to_kv.count(g) for g in range(self.n_kv))
+        slots = []
+        for g in range(self.n_kv):
+            members = [h for h, k in enumerate(q_to_kv) if k == g]
+            slots += members + members[:1] * (self._gmax - len(members))
+        self._slots, self._unslots = slots, [slots.index(h) for h in range(heads)]
+        # "pad" (the default, above) or "gather": copy each query head's K/V head before attention (slower; a reference).
+        self.kv_layout = "pad"
+        # Not buffers: from_pretrained builds modules on the meta device and would leave them unset.
+        self._index = {}
         self.q_proj = nn.Linear(hidden, heads * self.head_dim, bias=bias)
         if self.kv_layer == layer_idx:
             self.k_proj = nn.Linear(hidden, self.n_kv * self.head_dim, bias=bias)
@@ -107,11 +119,23 @@ class SharedKVAttention(nn.Module):
             query = query * cos.unsqueeze(1) + rotate_half(query) * sin.unsqueeze(1)
             shared = past_key_values.layers[self.kv_layer]
             key, value = shared.keys, shared.values
-        if self._q_to_kv is not None:
-            if self.kv_index is None or self.kv_index.device != key.device:
-                self.kv_index = torch.tensor(self._q_to_kv, device=key.device)
-            key, value = key.index_select(1, self.kv_index), value.index_select(1, self.kv_index)
-        attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
+        impl = self.config._attn_implementation
+        batch, q_len = query.shape[0], query.shape[2]
+        layout = None if self._q_to_kv is None else self.kv_layout
+        if layout == "gather":
+            index = self._indices("gather", self._q_to_kv, key.device)
+            key, value = key.index_select(1, index), value.index_select(1, index)
+            self.num_key_value_groups = 1
+        elif layout == "pad":
+            query = query.index_select(1, self._indices("slots", self._slots, query.device))
+            self.num_key_value_groups = self._gmax
+            if q_len == 1 and impl in ("sdpa", "eager"):
+                # One query token sees every cached key: a group's query heads become its KV head's query rows.
+                layout = "pack"
+                query = query.view(batch, self.n_kv, self._gmax, self.head_dim)
+                self.num_key_value_groups = 1
+                kwargs = {**kwargs, "is_causal": False}
+        attention = ALL_ATTENTION_FUNCTIONS.get_interface(impl, eager_attention_forward)
         out, weights = attention(
             self,
             query,
@@ -122,7 +146,20 @@ class SharedKVAttention(nn.Module):
             scaling=self.scaling,
             **kwargs,
         )
+        if layout in ("pad", "pack"):
+            unslots = self._indices("unslots", self._unslots, out.device)
+            if layout == "pack":  # (batch, gmax, n_kv, d) → (batch, 1, n_kv * gmax, d)
+                out = out.transpose(1, 2).reshape(batch, 1, -1, self.head_dim)
+                weights = None if weights is None else weights.reshape(batch, -1, 1, weights.shape[-1])
+            out = out.index_select(2, unslots)
+            weights = None if weights is None else weights.index_select(1, unslots)
         return self.o_proj(out.reshape(*input_shape, -1).contiguous()), weights
+
+    def _indices(self, name: str, values: list[int], device) -> torch.Tensor:
+        index = self._index.get(name)
+        if index is None or index.device != device:
+            index = self._index[name] = torch.tensor(values, device=device)
+        return index
 
 
 class KVShareLlamaForCausalLM(LlamaForCausalLM):
@@ -138,7 +175,10 @@ class KVShareLlamaForCausalLM(LlamaForCausalLM):
     def shares_across_layers(self) -> bool:
         return any(j != i for i, j in enumerate(self.config.kv_layer))
 
-    def forward(self, input_ids=None, past_key_values=None, use_cache=None, **kwargs):
+    def forward(self, input_ids=None, past_key_values=None, use_cache=None, logits_to_keep=0, **kwargs):
+        # logits_to_keep is named so that generate() sees it and asks for the last position's logits only
+        # (not a vocabulary-wide row for every prompt token).
+        kwargs["logits_to_keep"] = logits_to_keep
         # Layers that reuse another's K/V read it from the cache, so a forward without
         # one (training) still gets a throwaway cache to pass K/V between layers.
         if past_key_values is None and self.shares_across_layers:

@@ -6,7 +6,8 @@ The metrics files written by evaluate name their MLflow runs; this stage reads
 those runs' metrics and tags from the tracking store (so the table is what
 MLflow holds), marks which variants are Pareto-optimal in quality against KV
 bytes per token (separately for converted and fine-tuned models), and writes
-``pareto.csv``, ``pareto.md`` and ``pareto_perplexity.png``, all also logged
+``pareto.csv``, ``pareto.md``, ``pareto_perplexity.png`` and
+``pareto_accuracy.png`` (zero-shot average), all also logged
 as artifacts of a ``pareto`` run.
 """
 
@@ -35,6 +36,7 @@ COLUMNS = {
     "metrics.kl_to_base": "kl_to_base",
     "metrics.top1_agreement": "top1_agreement",
     "metrics.wse_total": "wse_total",
+    "metrics.zeroshot_avg": "zeroshot_avg",
     "run_id": "evaluate_run_id",
 }
 
@@ -51,7 +53,7 @@ def read_runs(uri: str, run_ids: list[str]) -> pd.DataFrame:
         raise KVShareError(
             f"evaluation runs {sorted(missing)} are not in the MLflow store {uri}: point at the store the evaluate jobs used"
         )
-    extra = [c for c in df.columns if c.startswith("metrics.acc_") or c.startswith("metrics.acc_norm_")]
+    extra = sorted(c for c in df.columns if c.startswith("metrics.acc_") and "_stderr_" not in c)
     cols = {**COLUMNS, **{c: c.removeprefix("metrics.") for c in extra}}
     return df.reindex(columns=list(cols)).rename(columns=cols)
 
@@ -98,11 +100,13 @@ def run(cfg: DictConfig) -> dict:
         df = df.sort_values(["model", "variant", "kv_bytes_per_token", "method"]).reset_index(drop=True)
         df["front_perplexity"] = front_table(df, "kv_bytes_per_token", "perplexity", False, "variant")
         df["front_kl_to_base"] = front_table(df, "kv_bytes_per_token", "kl_to_base", False, "variant")
+        df["front_zeroshot_avg"] = front_table(df, "kv_bytes_per_token", "zeroshot_avg", True, "variant")
         with atomic_path(out / "pareto.csv") as tmp:
             df.to_csv(tmp, index=False)
         atomic_write_text(out / "pareto.md", df.to_markdown(index=False, floatfmt=".4g") + "\n")
         plot(df, "perplexity", out / "pareto_perplexity.png", log_y=True)
-        for name in ("pareto.csv", "pareto.md", "pareto_perplexity.png"):
+        plot(df, "zeroshot_avg", out / "pareto_accuracy.png", log_y=False)
+        for name in ("pareto.csv", "pareto.md", "pareto_perplexity.png", "pareto_accuracy.png"):
             mlrun.log_artifact(out / name)
         mlrun.log_metrics({"variants": len(df), "on_front": int(df.front_perplexity.sum())})
         mlrun.set_tags({"kvshare.input_runs": ",".join(run_ids)})

@@ -117,49 +117,53 @@ def kl_to_base(model, windows: torch.Tensor, base_logp: list[torch.Tensor], batc
     return total / count
 
 
+def random_candidates(n_layers: int, n: int, n_groups: int, count: int, seed: int = 0) -> list[tuple[int, list]]:
+    """``count`` random groupings of ``n`` heads into ``n_groups``, one layer each, taking the layers in turn."""
+    if not 1 <= n_groups < n:
+        raise KVShareError(
+            f"search.proxy_check.groups={n_groups} must lie in 1..{n - 1} (the layer has {n} KV heads) "
+            "for a merge to change anything"
+        )
+    rng = np.random.default_rng(seed)
+    out = []
+    for c in range(count):
+        groups = np.concatenate([np.arange(n_groups), rng.integers(0, n_groups, n - n_groups)])[rng.permutation(n)]
+        out.append((c % n_layers, groups.tolist()))
+    return out
+
+
 @torch.no_grad()
 def rank_check(
     model,
     windows: torch.Tensor,
     dists: dict[str, list[np.ndarray]],
-    n_candidates: int,
-    n_groups: int,
-    seed: int = 0,
+    candidates: list[tuple[int, list]],
     batch_size: int = 4,
 ) -> dict:
-    """Spearman's rho between each proxy's WSE and measured KL over random one-layer merges.
+    """Spearman's rho between each proxy's WSE and measured KL over one-layer merges ``(layer, groups)``.
 
-    Candidates: ``n_candidates`` random groupings into ``n_groups``, one layer
-    each, taking the layers in turn. ``rho_<proxy>`` ranks all of them (which
-    layer and which heads); ``rho_within_<proxy>`` is the mean rho over the
-    candidates of one layer (which heads, the layer fixed).
+    ``rho_<proxy>`` ranks all candidates (which layer and which heads);
+    ``rho_within_<proxy>`` is the mean rho over the candidates of one layer
+    (which heads, the layer fixed), over layers with at least 3 candidates.
     """
     from scipy.stats import spearmanr
 
-    n_layers = len(next(iter(dists.values())))
-    n = next(iter(dists.values()))[0].shape[0]
-    if not 1 <= n_groups < n:
-        raise KVShareError(f"rank check: group count {n_groups} must lie in 1..{n - 1} to merge anything")
-    rng = np.random.default_rng(seed)
     device = next(model.parameters()).device
     base_logp = [
         F.log_softmax(model(input_ids=windows[i : i + batch_size].to(device)).logits.float(), -1)
         for i in range(0, len(windows), batch_size)
     ]
     rows = []
-    for c in range(n_candidates):
-        layer = c % n_layers
-        groups = np.concatenate([np.arange(n_groups), rng.integers(0, n_groups, n - n_groups)])[rng.permutation(n)]
+    for layer, groups in candidates:
         saved = merge_layer_(model, layer, groups)
         try:
             kl = kl_to_base(model, windows, base_logp, batch_size)
         finally:
             restore_layer_(model, layer, saved)
         rows.append(
-            {"layer": layer, "groups": groups.tolist(), "kl": kl}
-            | {name: wse(d[layer], groups) for name, d in dists.items()}
+            {"layer": layer, "groups": list(groups), "kl": kl} | {k: wse(d[layer], groups) for k, d in dists.items()}
         )
-    out: dict = {"candidates": rows, "n_groups": n_groups}
+    out: dict = {"candidates": rows}
     kl = np.array([r["kl"] for r in rows])
     layer_of = np.array([r["layer"] for r in rows])
     for name in dists:

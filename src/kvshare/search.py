@@ -220,18 +220,19 @@ def run(cfg: DictConfig) -> dict:
                 meta["stage2_nsga"] = OmegaConf.to_container(s.stage2_nsga, resolve=True)
         if check:
             n_groups = s.proxy_check.groups or max(1, shape.num_kv_heads // 2)
+            candidates = proxy.random_candidates(
+                len(producers), shape.num_kv_heads, int(n_groups), check, s.random_seed
+            )
             windows = proxy.calibration_windows(c.data_dir, s.proxy_check.tokens, c.seq_len, offset=c.tokens)
             calib = proxy.calibration_windows(c.data_dir, c.tokens, c.seq_len)
             ranked = proxy.rank_check(
                 model,
                 windows,
                 {"weight": weight_dists, "output": proxy.output_dists(model, calib, c.batch_size)},
-                check,
-                int(n_groups),
-                s.random_seed,
+                [(producers[i], g) for i, g in candidates],
                 c.batch_size,
             )
-            meta["proxy_check"] = {k: v for k, v in ranked.items() if k != "candidates"}
+            meta["proxy_check"] = {k: v for k, v in ranked.items() if k != "candidates"} | {"groups": int(n_groups)}
         plan = Plan(
             shape,
             tuple(by_producer[pattern[i]] for i in range(shape.num_layers)),

@@ -6,7 +6,8 @@ STUDY = config["study"]
 RESULTS = f"results/{STUDY}"
 LOGS = f"logs/{STUDY}"
 DATA = config["data"]
-PY = sys.executable
+# Jobs run `python`: the interpreter running Snakemake, or a conda env's with --software-deployment-method conda.
+os.environ.update(PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
 SRC = Path(workflow.basedir) / "src" / "kvshare"
 MLFLOW_URI = os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db")
 VARIANTS = ["converted", "finetuned"] if config["finetune"] else ["converted"]
@@ -16,7 +17,7 @@ GRID = [
     for method, budgets in config["methods"].items()
     for budget in budgets
 ]
-PARETO = [f"{RESULTS}/pareto.csv", f"{RESULTS}/pareto.md", f"{RESULTS}/pareto_perplexity.png"]
+PARETO = [f"{RESULTS}/{name}" for name in ("pareto.csv", "pareto.md", "pareto_perplexity.png", "pareto_accuracy.png")]
 
 
 wildcard_constraints:
@@ -38,5 +39,5 @@ def hydra(stage, run_name):
     extra = config.get("hydra", {}).get(stage, "")
     return (
         f"study={STUDY} scale={config['scale']} name={run_name} "
-        f"hydra.run.dir={LOGS}/hydra/{stage}/{run_name.replace('/', '_')} {extra}"
+        f"hydra.run.dir={LOGS}/hydra/{stage}/{run_name.replace(os.sep, '_')} {extra}"
     )

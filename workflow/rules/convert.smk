@@ -8,8 +8,10 @@ rule convert:
         directory(f"{RESULTS}/checkpoints/{{model}}/{{method}}/{{budget}}/converted"),
     params:
         hydra=lambda wc: hydra("convert", f"{wc.model}/{wc.method}/{wc.budget}"),
+    conda:
+        "../../environment.yml"
     log:
         f"{LOGS}/convert/{{model}}_{{method}}_{{budget}}.log",
     shell:
-        "{PY} -m kvshare.convert {params.hydra} model={wildcards.model} convert.model_dir={input.model} "
+        "python -m kvshare.convert {params.hydra} model={wildcards.model} convert.model_dir={input.model} "
         "convert.plan={input.plan} convert.out={output} > {log} 2>&1"

@@ -8,6 +8,8 @@ rule finetune:
         directory(f"{RESULTS}/checkpoints/{{model}}/{{method}}/{{budget}}/finetuned"),
     params:
         hydra=lambda wc: hydra("finetune", f"{wc.model}/{wc.method}/{wc.budget}"),
+    conda:
+        "../../environment.yml"
     log:
         f"{LOGS}/finetune/{{model}}_{{method}}_{{budget}}.log",
     benchmark:
@@ -15,5 +17,5 @@ rule finetune:
     resources:
         gpu=1,
     shell:
-        "{PY} -m kvshare.finetune {params.hydra} model={wildcards.model} finetune.checkpoint={input.checkpoint} "
+        "python -m kvshare.finetune {params.hydra} model={wildcards.model} finetune.checkpoint={input.checkpoint} "
         "finetune.data_dir={input.data} finetune.out={output} > {log} 2>&1"

