@@ -77,7 +77,9 @@ def throughput(w: torch.Tensor, n: int, k: int, repeats: int) -> dict:
     """WSE evaluations/s of groupings into ``k`` groups: population calls vs naive per individual."""
     rng = np.random.default_rng(0)
     dist = pairwise_sq_dists(head_vectors(w, n))
-    pop = np.array([np.concatenate([np.arange(k), rng.integers(0, k, n - k)])[rng.permutation(n)] for _ in range(10_000)])
+    pop = np.array(
+        [np.concatenate([np.arange(k), rng.integers(0, k, n - k)])[rng.permutation(n)] for _ in range(10_000)]
+    )
     raw = torch.cat([w[0].reshape(n, -1), w[1].reshape(n, -1)], dim=1)  # float32, as loaded
 
     def naive(groups):  # a straightforward reproduction: means of the member weights, per individual
@@ -135,7 +137,12 @@ def methods(quick: bool) -> dict:
     return {
         f"nsga default ({gens} gen) + dp": ("nsga", default, "dp", None),
         f"nsga unseeded ({gens} gen) + dp": ("nsga", unseeded, "dp", None),
-        "paper preset (10 gen, binary stage 2)": ("nsga", nsga_settings(PAPER.nsga), "nsga", nsga_settings(PAPER.stage2_nsga)),
+        "paper preset (10 gen, binary stage 2)": (
+            "nsga",
+            nsga_settings(PAPER.nsga),
+            "nsga",
+            nsga_settings(PAPER.stage2_nsga),
+        ),
         "ward/balanced + dp": ("greedy", None, "dp", None),
         "exact + dp": ("exact", None, "dp", None),
     }
@@ -162,7 +169,10 @@ def proxy_check(model, tok, work: Path, quick: bool) -> dict:
         tokenize_corpus(tok, documents(OmegaConf.create({"source": "pydoc"})), data, 0.1)
     calib = proxy.calibration_windows(data, 4096, 256)
     windows = proxy.calibration_windows(data, 512 if quick else 1024, 256, offset=4096)
-    dists = {"weight": [pairwise_sq_dists(v) for v in kv_head_vectors(model)], "output": proxy.output_dists(model, calib)}
+    dists = {
+        "weight": [pairwise_sq_dists(v) for v in kv_head_vectors(model)],
+        "output": proxy.output_dists(model, calib),
+    }
     layers = len(model.model.layers)
     pairs = [(i, g) for i in range(layers) for g in ([0, 0, 1], [0, 1, 0], [0, 1, 1])]
     merges = [(i, [0, 0, 0]) for i in range(layers)]

@@ -93,3 +93,28 @@ def test_plot_is_written(tmp_path):
     )
     plot(df, "perplexity", tmp_path / "p.png", log_y=True)
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_papers_comparisons_on_hand_made_points():
+    from kvshare.comparisons import kv_saving_at_quality, matched, wse_rank_correlation
+
+    df = pd.DataFrame(
+        {
+            "model": ["m"] * 6,
+            "variant": ["converted"] * 6,
+            "method": ["gqa", "qcqa-ac", "qcqa-ac", "mqa", "cla2", "random"],
+            "kv_bytes_per_token": [200, 200, 100, 100, 100, 200],
+            "zeroshot_avg": [0.50, 0.55, 0.52, 0.40, 0.45, 0.42],
+            "perplexity": [20.0, 15.0, 18.0, 40.0, 30.0, 35.0],
+            "kl_to_base": [0.2, 0.1, 0.15, 0.5, 0.3, 0.4],
+            "wse_total": [2.0, 1.0, 1.5, 5.0, 0.0, 4.0],
+        }
+    )
+    pair = matched(df, "qcqa", "gqa")
+    assert len(pair) == 1 and pair.zeroshot_avg_diff.iloc[0] == pytest.approx(0.05)
+    saving = kv_saving_at_quality(df)
+    assert saving.qcqa_bytes_at_least_as_good.iloc[0] == 100 and saving.kv_saving.iloc[0] == pytest.approx(0.5)
+    cla = matched(df, "cla", "mqa")
+    assert cla.perplexity_diff.iloc[0] == pytest.approx(-10.0)
+    rho = wse_rank_correlation(df).set_index("quality").spearman
+    assert rho["perplexity"] == pytest.approx(1.0) and rho["zeroshot_avg"] == pytest.approx(-1.0)

@@ -7,7 +7,8 @@ those runs' metrics and tags from the tracking store (so the table is what
 MLflow holds), marks which variants are Pareto-optimal in quality against KV
 bytes per token (separately for converted and fine-tuned models), and writes
 ``pareto.csv``, ``pareto.md``, ``pareto_perplexity.png`` and
-``pareto_accuracy.png`` (zero-shot average), all also logged
+``pareto_accuracy.png`` (zero-shot average), and ``comparisons.md`` (the
+papers' comparisons, see :mod:`kvshare.comparisons`), all also logged
 as artifacts of a ``pareto`` run.
 """
 
@@ -20,6 +21,7 @@ import pandas as pd
 from omegaconf import DictConfig
 
 from kvshare.cli import entry
+from kvshare.comparisons import report
 from kvshare.errors import KVShareError
 from kvshare.fronts import front_table
 from kvshare.io import atomic_path, atomic_write_text
@@ -104,9 +106,10 @@ def run(cfg: DictConfig) -> dict:
         with atomic_path(out / "pareto.csv") as tmp:
             df.to_csv(tmp, index=False)
         atomic_write_text(out / "pareto.md", df.to_markdown(index=False, floatfmt=".4g") + "\n")
+        atomic_write_text(out / "comparisons.md", report(df))
         plot(df, "perplexity", out / "pareto_perplexity.png", log_y=True)
         plot(df, "zeroshot_avg", out / "pareto_accuracy.png", log_y=False)
-        for name in ("pareto.csv", "pareto.md", "pareto_perplexity.png", "pareto_accuracy.png"):
+        for name in ("pareto.csv", "pareto.md", "comparisons.md", "pareto_perplexity.png", "pareto_accuracy.png"):
             mlrun.log_artifact(out / name)
         mlrun.log_metrics({"variants": len(df), "on_front": int(df.front_perplexity.sum())})
         mlrun.set_tags({"kvshare.input_runs": ",".join(run_ids)})

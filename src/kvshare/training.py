@@ -132,15 +132,15 @@ def heldout_windows(tokens: np.ndarray, seq_len: int, n: int) -> torch.Tensor:
 
 def _chunk_loss_and_grad(logits, targets, teacher_logits, weight: float, temperature: float, scale: float):
     """Summed CE (and KL) of one chunk and d(loss)/d(logits) times ``scale``, in the logits' dtype."""
-    z = logits.float()
+    z = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 logits, float32 softmax
     lse = torch.logsumexp(z, -1, keepdim=True)
     ce = (lse.squeeze(-1) - z.gather(-1, targets[:, None]).squeeze(-1)).sum()
     is_target = torch.arange(z.shape[-1], device=z.device)[None] == targets[:, None]
-    grad = torch.exp(z - lse) - is_target.float()
-    kl = torch.zeros((), device=z.device)
+    grad = torch.exp(z - lse) - is_target.to(z.dtype)
+    kl = torch.zeros((), dtype=z.dtype, device=z.device)
     if teacher_logits is not None:
         log_s = torch.log_softmax(z / temperature, -1)
-        log_t = torch.log_softmax(teacher_logits.float() / temperature, -1)
+        log_t = torch.log_softmax(teacher_logits.to(z.dtype) / temperature, -1)
         p_t = log_t.exp()
         kl = (p_t * (log_t - log_s)).sum()
         # d/dz of T^2 * KL(p_t || softmax(z/T)) is T * (softmax(z/T) - p_t).
@@ -169,15 +169,16 @@ class _FusedLMLoss(torch.autograd.Function):
         n = hidden.shape[0]
         fn = _chunk_fn(compiled)
         grad_h = torch.empty_like(hidden)
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-        ce = kl = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        acc = torch.promote_types(weight.dtype, torch.float32)
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device)
+        ce = kl = torch.zeros((), dtype=acc, device=hidden.device)
         for s in range(0, n, chunk):
             h = hidden[s : s + chunk]
             t_logits = None if t_hidden is None else t_hidden[s : s + chunk] @ t_weight.T
             c, k, g = fn(h @ weight.T, targets[s : s + chunk], t_logits, distill_weight, temperature, 1.0 / n)
             ce, kl = ce + c, kl + k
             grad_h[s : s + chunk] = g @ weight
-            grad_w += (g.T @ h).float()
+            grad_w += (g.T @ h).to(acc)
         ctx.save_for_backward(grad_h, grad_w)
         ctx.weight_dtype = weight.dtype
         ce, kl = ce / n, kl / n
@@ -204,11 +205,12 @@ def lm_loss(hidden, weight, targets, teacher=None, distill_weight=0.0, temperatu
             hidden, weight, targets, t_hidden, t_weight, distill_weight, temperature, chunk, compiled
         )
     n, ce, kl = hidden.shape[0], 0.0, 0.0
+    acc = torch.promote_types(hidden.dtype, torch.float32)
     for s in range(0, n, chunk):
-        logits = (hidden[s : s + chunk] @ weight.T).float()
+        logits = (hidden[s : s + chunk] @ weight.T).to(acc)
         ce = ce + F.cross_entropy(logits, targets[s : s + chunk], reduction="sum")
         if t_hidden is not None:
-            log_t = torch.log_softmax((t_hidden[s : s + chunk] @ t_weight.T).float() / temperature, -1)
+            log_t = torch.log_softmax((t_hidden[s : s + chunk] @ t_weight.T).to(acc) / temperature, -1)
             log_s = torch.log_softmax(logits / temperature, -1)
             kl = kl + (log_t.exp() * (log_t - log_s)).sum()
     ce, kl = torch.as_tensor(ce / n), torch.as_tensor(kl / n)

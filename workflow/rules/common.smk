@@ -17,7 +17,7 @@ GRID = [
     for method, budgets in config["methods"].items()
     for budget in budgets
 ]
-PARETO = [f"{RESULTS}/{name}" for name in ("pareto.csv", "pareto.md", "pareto_perplexity.png", "pareto_accuracy.png")]
+PARETO = [f"{RESULTS}/{name}" for name in ("pareto.csv", "pareto.md", "comparisons.md", "pareto_perplexity.png", "pareto_accuracy.png")]
 
 
 wildcard_constraints:

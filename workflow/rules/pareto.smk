@@ -9,7 +9,7 @@ rule pareto:
     """One table of every variant read back from MLflow, Pareto fronts of quality against KV bytes, plots."""
     input:
         metrics=METRICS,
-        code=code("pareto", "fronts"),
+        code=code("pareto", "fronts", "comparisons"),
     output:
         PARETO,
     params:
