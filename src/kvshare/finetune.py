@@ -1,129 +1,125 @@
-"""Stage ``finetune``: uptrain a converted checkpoint on a token corpus with the LM loss.
+"""Stage ``finetune``: uptrain a converted checkpoint on a token corpus, optionally distilling from the base model.
 
     python -m kvshare.finetune finetune.checkpoint=.../converted finetune.data_dir=resources/data/tiny/pydoc \
-        finetune.out=.../finetuned finetune.max_steps=100
+        finetune.out=.../finetuned finetune.tokens=2000000 finetune.distill.teacher=resources/models/tiny
 
-AdamW with linear warmup then cosine decay to ``min_lr_fraction`` of the peak,
-gradient clipping, bf16 autocast on CUDA. Batches are random windows of the
-training split (seeded). Held-out loss is measured at the end on the first
-windows of the held-out split. Writes a checkpoint in the same format convert
-writes (the spec gains the finetune run id), so evaluate takes either.
+    torchrun --nproc_per_node=2 -m kvshare.finetune ...   # the same on 2 GPUs (DDP)
+
+The loop is :func:`kvshare.training.train` (see it for data order, batching,
+schedule, checkpoints and failure messages). Resumable checkpoints go to
+``finetune.resume_dir`` every ``checkpoint_interval`` steps: rerunning the same
+command after a kill continues where it stopped; the folder is removed once
+the output is written. Writes a checkpoint in the format convert writes (the
+spec gains the finetune run id), so evaluate takes either.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
-import numpy as np
 import torch
 from omegaconf import DictConfig
-from tqdm import tqdm
 
 from kvshare.cli import entry
 from kvshare.convert import SPEC, read_spec
 from kvshare.data import load_tokens
 from kvshare.errors import KVShareError
 from kvshare.models import load_model, resolve_device, save_model
-from kvshare.tracking import stage_run
+from kvshare.training import Dist, TrainResult, TrainSettings, clear_checkpoints, setup_distributed, train
 
 
-def lr_at(step: int, max_steps: int, warmup: int, min_fraction: float) -> float:
-    """Learning-rate multiplier: linear warmup, then cosine from 1 to ``min_fraction``."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, max_steps - warmup)
-    return min_fraction + (1 - min_fraction) * 0.5 * (1 + math.cos(math.pi * progress))
+def settings(section: str, node, cfg: DictConfig, device: torch.device) -> TrainSettings:
+    """Training settings from a stage's config section; ``auto`` switches mean: on CUDA."""
+
+    def switch(value) -> bool:
+        return device.type == "cuda" if value == "auto" else bool(value)
+
+    distill = node.get("distill") or {}
+    return TrainSettings.from_cfg(
+        section,
+        node,
+        bf16=switch(node.bf16),
+        compile=switch(node.compile),
+        distill_weight=float(distill.get("weight", 0.0)) if distill.get("teacher") else 0.0,
+        distill_temperature=float(distill.get("temperature", 1.0)),
+        seed=cfg.seed,
+        resume_dir=str(node.resume_dir or f"{node.out}.resume"),
+    )
 
 
-def random_windows(tokens: np.ndarray, batch: int, seq_len: int, rng: np.random.Generator) -> torch.Tensor:
-    if len(tokens) <= seq_len + 1:
-        raise KVShareError(f"finetune.seq_len={seq_len} needs more than {len(tokens)} training tokens: lower it")
-    starts = rng.integers(0, len(tokens) - seq_len - 1, batch)
-    return torch.from_numpy(np.stack([tokens[s : s + seq_len + 1] for s in starts]).astype(np.int64))
+class _NoRun:
+    """What ranks other than 0 get instead of an MLflow run."""
+
+    run_id = None
+
+    def log_metrics(self, metrics, step=None) -> None:
+        pass
+
+    def set_tags(self, tags) -> None:
+        pass
 
 
-@torch.no_grad()
-def heldout_loss(model, tokens: np.ndarray, seq_len: int, windows: int, device, autocast) -> float:
-    model.eval()
-    n = min(windows, (len(tokens) - 1) // seq_len)
-    total = 0.0
-    for w in range(n):
-        x = torch.from_numpy(tokens[w * seq_len : (w + 1) * seq_len + 1].astype(np.int64))[None].to(device)
-        with autocast():
-            total += model(input_ids=x[:, :-1], labels=x[:, :-1]).loss.item()
-    model.train()
-    return total / max(n, 1)
+@contextmanager
+def tracked(cfg: DictConfig, stage: str, tags: dict, dist: Dist):
+    """The stage's MLflow run on rank 0; a stand-in elsewhere, so only one run is recorded."""
+    if not dist.main:
+        yield _NoRun()
+        return
+    from kvshare.tracking import stage_run
+
+    with stage_run(cfg, stage, tags) as mlrun:
+        yield mlrun
+
+
+def log_summary(mlrun, result: TrainResult, wall: float) -> None:
+    mlrun.log_metrics(
+        {
+            "heldout_loss_before": result.heldout_loss_before,
+            "heldout_loss_after": result.heldout_loss_after,
+            "train_tokens": result.tokens,
+            "tokens_per_second_median": result.tokens_per_second,
+            "mfu_median": result.mfu,
+            "resumed_from_step": result.resumed_from,
+            "wall_seconds": wall,
+        }
+    )
 
 
 def run(cfg: DictConfig) -> dict:
     f = cfg.finetune
     spec = read_spec(f.checkpoint)
-    device = resolve_device(cfg.device)
-    if f.max_steps < 1 or f.batch_size < 1 or f.seq_len < 2:
-        raise KVShareError(
-            f"finetune.max_steps={f.max_steps}, batch_size={f.batch_size}, seq_len={f.seq_len} must be positive"
-        )
-    torch.manual_seed(cfg.seed)
-    rng = np.random.default_rng(cfg.seed)
-    train, val = load_tokens(f.data_dir, "train"), load_tokens(f.data_dir, "val")
+    dist, device = setup_distributed(resolve_device(cfg.device))
+    s = settings("finetune", f, cfg, device)
+    train_tokens, val = load_tokens(f.data_dir, "train"), load_tokens(f.data_dir, "val")
     model, tok = load_model(f.checkpoint, device)
-    use_bf16 = device.type == "cuda" if f.bf16 == "auto" else bool(f.bf16)
-
-    def autocast():
-        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
-
-    tags = {"model": spec["model"], "method": spec["method"], "budget": spec["budget"]}
-    with stage_run(cfg, "finetune", tags) as mlrun:
-        mlrun.set_tags({"kvshare.input_runs": spec["runs"].get("convert", "")})
-        opt = torch.optim.AdamW(
-            model.parameters(), lr=f.lr, betas=tuple(f.betas), weight_decay=f.weight_decay, fused=device.type == "cuda"
-        )
-        warmup = max(1, int(f.warmup_fraction * f.max_steps))
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, f.max_steps, warmup, f.min_lr_fraction))
-        loss0 = heldout_loss(model, val, f.seq_len, 8, device, autocast)
-        model.train()
-        t0, tokens_seen = time.perf_counter(), 0
-        for step in tqdm(range(f.max_steps), desc="finetune", mininterval=5):
-            x = random_windows(train, f.batch_size, f.seq_len, rng).to(device)
-            with autocast():
-                loss = model(input_ids=x[:, :-1], labels=x[:, :-1]).loss
-            if not torch.isfinite(loss):
-                raise KVShareError(f"loss became {loss.item()} at step {step}: lower finetune.lr={f.lr}")
-            loss.backward()
-            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), f.grad_clip)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            sched.step()
-            tokens_seen += x[:, :-1].numel()
-            elapsed = time.perf_counter() - t0
-            mlrun.log_metrics(
-                {
-                    "train_loss": loss.item(),
-                    "lr": sched.get_last_lr()[0],
-                    "grad_norm": norm.item(),
-                    "tokens_per_second": tokens_seen / elapsed,
-                },
-                step=step,
+    teacher = None
+    if f.distill.teacher:
+        teacher, _ = load_model(f.distill.teacher, device, torch.bfloat16 if s.bf16 else torch.float32)
+        teacher.requires_grad_(False)
+        if teacher.config.vocab_size != model.config.vocab_size:
+            raise KVShareError(
+                f"finetune.distill.teacher={f.distill.teacher} has vocabulary {teacher.config.vocab_size}, "
+                f"the student {model.config.vocab_size}: distil from the model the checkpoint was converted from"
             )
-        loss1 = heldout_loss(model, val, f.seq_len, 8, device, autocast)
-        mlrun.log_metrics(
-            {
-                "heldout_loss_before": loss0,
-                "heldout_loss_after": loss1,
-                "train_tokens": tokens_seen,
-                "wall_seconds": time.perf_counter() - t0,
-            }
-        )
-        spec = {**spec, "runs": {**spec["runs"], "finetune": mlrun.run_id}, "finetune_tokens": tokens_seen}
-        extra = {SPEC: json.dumps(spec, indent=1) + "\n"}
-        remote = Path(f.checkpoint) / "modeling_kvshare.py"
-        if remote.exists():
-            extra[remote.name] = remote.read_text()
-        save_model(model.to(torch.float32).cpu(), tok, f.out, extra)
-    return {"heldout_loss_before": loss0, "heldout_loss_after": loss1}
+    tags = {"model": spec["model"], "method": spec["method"], "budget": spec["budget"]}
+    with tracked(cfg, "finetune", tags, dist) as mlrun:
+        mlrun.set_tags({"kvshare.input_runs": spec["runs"].get("convert", "")})
+        t0 = time.perf_counter()
+        inputs = {"checkpoint": str(f.checkpoint), "data_dir": str(f.data_dir), "teacher": f.distill.teacher}
+        result = train(model, train_tokens, val, s, device, dist, teacher, mlrun.log_metrics, inputs)
+        if dist.main:
+            log_summary(mlrun, result, time.perf_counter() - t0)
+            spec = {**spec, "runs": {**spec["runs"], "finetune": mlrun.run_id}, "finetune_tokens": result.tokens}
+            extra = {SPEC: json.dumps(spec, indent=1) + "\n"}
+            remote = Path(f.checkpoint) / "modeling_kvshare.py"
+            if remote.exists():
+                extra[remote.name] = remote.read_text()
+            save_model(model.to(torch.float32).cpu(), tok, f.out, extra)
+            clear_checkpoints(s.resume_dir)
+    return {"heldout_loss_before": result.heldout_loss_before, "heldout_loss_after": result.heldout_loss_after}
 
 
 main = entry("finetune", run)

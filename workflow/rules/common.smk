@@ -12,7 +12,7 @@ SRC = Path(workflow.basedir) / "src" / "kvshare"
 MLFLOW_URI = os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db")
 VARIANTS = ["converted", "finetuned"] if config["finetune"] else ["converted"]
 GRID = [
-    (model, method, str(budget))
+    (model, method, f"{float(budget):g}")  # one spelling per budget: 0.5, 1
     for model in config["models"]
     for method, budgets in config["methods"].items()
     for budget in budgets

@@ -1,0 +1,528 @@
+"""Decode throughput and peak memory of KV-sharing variants at matched KV bytes (issue 3).
+
+Every variant is built in this script with ``kvshare.merge.convert_model`` from one
+random-weight ``LlamaForCausalLM`` and a ``Plan``; decode speed and memory depend on
+shapes, not weight values, so no checkpoint is needed. Two source shapes:
+
+* ``smollm2-135m``: SmolLM2-135M's shape (30 layers, hidden 576, FFN 1536, 9 query
+  heads, 3 KV heads, head_dim 64, vocab 49152, tied embeddings). With 3 KV heads a
+  layer can keep 1, 2 or 3; the 2/3-KV variants all store 60 of 90 KV heads:
+  ``gqa`` [0,0,1] in every layer (query groups 6+3), ``qcqa-ac`` a per-layer mix of
+  3 / 2 (unequal groups, differing by layer) / 1 heads, ``qcqa-ec`` half the layers
+  MQA and half full. ``cla2`` (1/2) and ``mqa`` (1/3) complete the scale.
+* ``mha-12l``: an MHA model (12 layers, hidden 768, FFN 3072, 12 heads = 12 KV heads,
+  head_dim 64). ``gqa`` / ``qcqa-ec`` / ``qcqa-ac`` keep 4 KV heads in every layer:
+  equal contiguous, equal scattered (reordered to contiguous by the conversion) and
+  unequal groups (sizes differ by layer); ``cla2`` keeps 1/2.
+
+``(gather)`` rows run the runtime's reference layout for unequal groups (K/V copied
+per query head before attention) to show what the default ("pad") layout saves.
+
+Measured with ``model.generate(do_sample=False)`` and the default dynamic cache: a
+logits processor synchronises and stamps the clock once per step, giving prefill time
+and per-step decode time from the same call. Medians over ``--reps`` runs after a
+warm-up. Memory: peak allocated bytes over the weights (torch.cuda.max_memory_allocated).
+Max batch: under a memory cap (torch.cuda.set_per_process_memory_fraction), the prompt
+prefilled in chunks (so the cache, not prefill activations, is what fills memory),
+then generate() continues from that cache; the batch is predicted from the KV size,
+run, and shrunk on OOM; "max batch" is extrapolated from the measured peak.
+
+    PYTHONPATH=src python benchmarks/decode_bench.py --out DIR            # GPU
+    PYTHONPATH=src python benchmarks/decode_bench.py --smoke --out DIR    # CPU, tiny
+    python benchmarks/decode_bench.py --report DIR/decode_bench.json      # table only
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import random
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import transformers
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, LogitsProcessor, LogitsProcessorList
+
+from kvshare.merge import convert_model
+from kvshare.modeling import cache_bytes
+from kvshare.plan import ModelShape, Plan, cla_pattern
+
+SHAPES = {
+    "smollm2-135m": dict(
+        num_hidden_layers=30,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        head_dim=64,
+        vocab_size=49152,
+    ),
+    "mha-12l": dict(
+        num_hidden_layers=12,
+        hidden_size=768,
+        intermediate_size=3072,
+        num_attention_heads=12,
+        num_key_value_heads=12,
+        head_dim=64,
+        vocab_size=49152,
+    ),
+}
+SMOKE_SHAPES = {
+    "smollm2-135m": dict(
+        SHAPES["smollm2-135m"], num_hidden_layers=6, hidden_size=144, intermediate_size=256, head_dim=16, vocab_size=512
+    ),
+    "mha-12l": dict(
+        SHAPES["mha-12l"], num_hidden_layers=4, hidden_size=192, intermediate_size=384, head_dim=16, vocab_size=512
+    ),
+}
+
+
+def llama_config(dims: dict) -> LlamaConfig:
+    return LlamaConfig(
+        **dims,
+        tie_word_embeddings=True,
+        max_position_embeddings=8192,
+        rope_theta=100000.0,
+        bos_token_id=1,
+        eos_token_id=None,
+        pad_token_id=0,
+    )
+
+
+def variants(name: str, shape: ModelShape) -> dict[str, tuple[Plan, str]]:
+    """Variant name → (plan, layout of unequal groups)."""
+    layers, kv = shape.num_layers, shape.num_kv_heads
+    ident = Plan.identity(shape)
+    out = {"base": (ident, "pad")}
+    if name == "smollm2-135m":
+        two = [(0, 0, 1), (0, 1, 1), (0, 1, 0)]  # unequal groups of 2 KV heads, varied by layer
+        ac = [(0, 1, 2) if i % 3 == 0 else two[(i // 3) % 3] if i % 3 == 1 else (0, 0, 0) for i in range(layers)]
+        ec = [(0, 1, 2) if i % 2 == 0 else (0, 0, 0) for i in range(layers)]
+        out["gqa-2/3"] = (Plan(shape, ((0, 0, 1),) * layers, tuple(range(layers)), "gqa"), "pad")
+        out["qcqa-ac-2/3"] = (Plan(shape, tuple(ac), tuple(range(layers)), "qcqa-ac"), "pad")
+        out["qcqa-ec-2/3"] = (Plan(shape, tuple(ec), tuple(range(layers)), "qcqa-ec"), "pad")
+        out["cla2"] = (ident.with_cla(cla_pattern(layers, 2)), "pad")
+        out["mqa"] = (Plan(shape, ((0, 0, 0),) * layers, tuple(range(layers)), "mqa"), "pad")
+        out["gqa-2/3 (gather)"] = (out["gqa-2/3"][0], "gather")
+        out["qcqa-ac-2/3 (gather)"] = (out["qcqa-ac-2/3"][0], "gather")
+    else:
+        rng = random.Random(0)
+        n_new = 4
+        sizes = [(6, 3, 2, 1), (5, 4, 2, 1), (4, 4, 3, 1), (7, 2, 2, 1), (5, 3, 2, 2), (6, 2, 2, 2)]
+        ac, ec = [], []
+        for i in range(layers):
+            for layer_sizes, dest in ((sizes[i % len(sizes)], ac), ((kv // n_new,) * n_new, ec)):
+                labels = [g for g, s in enumerate(layer_sizes) for _ in range(s)]
+                rng.shuffle(labels)
+                dest.append(tuple(labels))
+        gqa = tuple(h // (kv // n_new) for h in range(kv))
+        out["gqa-4"] = (Plan(shape, (gqa,) * layers, tuple(range(layers)), "gqa"), "pad")
+        out["qcqa-ec-4"] = (Plan(shape, tuple(ec), tuple(range(layers)), "qcqa-ec"), "pad")
+        out["qcqa-ac-4"] = (Plan(shape, tuple(ac), tuple(range(layers)), "qcqa-ac"), "pad")
+        out["cla2"] = (ident.with_cla(cla_pattern(layers, 2)), "pad")
+        out["qcqa-ac-4 (gather)"] = (out["qcqa-ac-4"][0], "gather")
+    return out
+
+
+class StepClock(LogitsProcessor):
+    """Stamps the clock (after a device sync) each time generate() has a step's logits."""
+
+    def __init__(self, device):
+        self.device, self.stamps = device, []
+
+    def __call__(self, input_ids, scores):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.stamps.append(time.perf_counter())
+        return scores
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def free(device):
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def one_run(model, device, batch, prompt, new, seed=0, chunk=None):
+    """One generate() call; timings, memory and cache size."""
+    vocab = model.config.vocab_size
+    ids = torch.randint(3, vocab, (batch, prompt), generator=torch.Generator().manual_seed(seed)).to(device)
+    clock = StepClock(device)
+    free(device)
+    cuda = device.type == "cuda"
+    before = torch.cuda.memory_allocated(device) if cuda else 0
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    sync(device)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        cache = None
+        if chunk:  # prefill all but the last prompt token in chunks; generate() feeds the rest
+            cache = DynamicCache(config=model.config)
+            for s in range(0, prompt - 1, chunk):
+                model(input_ids=ids[:, s : min(s + chunk, prompt - 1)], past_key_values=cache, logits_to_keep=1)
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            past_key_values=cache,
+            max_new_tokens=new,
+            do_sample=False,
+            logits_processor=LogitsProcessorList([clock]),
+            return_dict_in_generate=True,
+            pad_token_id=0,
+            eos_token_id=None,
+        )
+    sync(device)
+    t1 = time.perf_counter()
+    if out.sequences.shape[1] != prompt + new:
+        raise RuntimeError(f"generated {out.sequences.shape[1] - prompt} tokens, not {new}")
+    steps = [b - a for a, b in zip(clock.stamps, clock.stamps[1:], strict=False)]
+    rec = {
+        "batch": batch,
+        "prompt": prompt,
+        "new": new,
+        "chunked_prefill": chunk,
+        "prefill_s": clock.stamps[0] - t0,
+        "decode_s": clock.stamps[-1] - clock.stamps[0],
+        "step_ms_median": 1e3 * statistics.median(steps) if steps else None,
+        "total_s": t1 - t0,
+        "decode_tok_s": batch * (new - 1) / (clock.stamps[-1] - clock.stamps[0]) if new > 1 else None,
+        "e2e_tok_s": batch * new / (t1 - t0),
+        "cache_bytes": cache_bytes(out.past_key_values),
+        "cached_tokens": prompt + new - 1,
+    }
+    if cuda:
+        rec["alloc_delta_with_cache"] = torch.cuda.memory_allocated(device) - before - out.sequences.numel() * 8
+        rec["peak_over_weights"] = torch.cuda.max_memory_allocated(device) - before
+        rec["peak_reserved"] = torch.cuda.max_memory_reserved(device)
+    del out, cache
+    free(device)
+    return rec
+
+
+def median_runs(model, device, batch, prompt, new, reps):
+    runs = [one_run(model, device, batch, prompt, new, seed=r) for r in range(reps)]
+    med = {k: statistics.median([r[k] for r in runs]) for k in runs[0] if isinstance(runs[0][k], float)}
+    return {**runs[0], **med, "reps": reps, "decode_tok_s_all": [r["decode_tok_s"] for r in runs]}
+
+
+def build(shape_name, dims, variant, device, dtype, base_cache):
+    if shape_name not in base_cache:
+        base_cache.clear()
+        free(device)
+        torch.manual_seed(0)
+        with torch.device(device):
+            base_cache[shape_name] = LlamaForCausalLM(llama_config(dims)).to(dtype).eval()
+    base = base_cache[shape_name]
+    if variant == "llama (HF)":
+        return base, Plan.identity(ModelShape.of(base.config)), "n/a"
+    plan, layout = variants(shape_name, ModelShape.of(base.config))[variant]
+    with torch.device(device):
+        model = convert_model(base, plan).to(device)
+    for layer in model.model.layers:
+        layer.self_attn.kv_layout = layout
+    model.generation_config.eos_token_id = None
+    return model, plan, layout
+
+
+def environment(device) -> dict:
+    env = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "device": str(device),
+        "host": platform.node(),
+        "argv": " ".join(sys.argv),
+    }
+    if device.type == "cuda":
+        p = torch.cuda.get_device_properties(device)
+        env.update(gpu=p.name, gpu_mem_gib=round(p.total_memory / 2**30, 1), cuda=torch.version.cuda)
+        try:
+            env["driver"] = subprocess.run(
+                ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True, text=True
+            ).stdout.strip()
+        except OSError:
+            pass
+    env["attn_implementation"] = "sdpa (transformers default)"
+    return env
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes, CPU-friendly")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--prompt", type=int, default=2048)
+    ap.add_argument("--new", type=int, default=64, help="new tokens in the throughput runs")
+    ap.add_argument("--maxbatch-new", type=int, default=128, help="new tokens in the max-batch runs")
+    ap.add_argument("--batches", default="1,64,256")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--cap-gib", type=float, default=16.0, help="memory cap for the max-batch runs")
+    ap.add_argument("--chunk", type=int, default=256, help="prefill chunk in the max-batch runs")
+    ap.add_argument("--budget-s", type=float, default=1e9, help="skip what would start after this many seconds")
+    ap.add_argument("--shapes", default="smollm2-135m,mha-12l")
+    ap.add_argument("--report", help="only write the markdown table from this JSON")
+    args = ap.parse_args()
+    if args.report:
+        data = json.loads(Path(args.report).read_text())
+        Path(args.report).with_suffix(".md").write_text(report(data))
+        return
+    if args.smoke:
+        args.prompt, args.new, args.maxbatch_new, args.reps, args.chunk = 48, 6, 6, 2, 16
+        args.batches = "1,4"
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dims_of = SMOKE_SHAPES if args.smoke else SHAPES
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    data = {
+        "env": environment(device),
+        "settings": {k: v for k, v in vars(args).items() if k != "report"} | {"dtype": str(dtype)},
+        "shapes": {s: dims_of[s] for s in args.shapes.split(",")},
+        "throughput": [],
+        "maxbatch": [],
+        "skipped": [],
+    }
+
+    def save():
+        data["elapsed_s"] = time.perf_counter() - start
+        (out / "decode_bench.json").write_text(json.dumps(data, indent=1) + "\n")
+
+    def over_budget(what):
+        if time.perf_counter() - start > args.budget_s:
+            data["skipped"].append(what)
+            print("skip (budget):", what, flush=True)
+            return True
+        return False
+
+    batches = [int(b) for b in args.batches.split(",")]
+    bases: dict = {}
+    main_variants = {s: list(variants(s, ModelShape.of(llama_config(dims_of[s]))).keys()) for s in data["shapes"]}
+    extra = {s: [v for v in main_variants[s] if "gather" in v] + ["llama (HF)"] for s in main_variants}
+    main_variants = {s: [v for v in main_variants[s] if "gather" not in v] for s in main_variants}
+
+    def throughput(shape_name, variant):
+        if over_budget(f"throughput {shape_name} {variant}"):
+            return
+        model, plan, layout = build(shape_name, dims_of[shape_name], variant, device, dtype, bases)
+        one_run(model, device, batches[0], min(64, args.prompt), 4)  # warm-up
+        for b in batches:
+            try:
+                rec = median_runs(model, device, b, args.prompt, args.new, args.reps)
+            except torch.OutOfMemoryError:
+                rec = {"batch": b, "oom": True}
+                free(device)
+            rec.update(shape=shape_name, variant=variant, layout=layout, **plan_facts(plan))
+            data["throughput"].append(rec)
+            print(summary(rec), flush=True)
+            save()
+        del model
+        free(device)
+
+    def maxbatch(shape_name, variant):
+        if over_budget(f"maxbatch {shape_name} {variant}"):
+            return
+        model, plan, layout = build(shape_name, dims_of[shape_name], variant, device, dtype, bases)
+        tokens = args.prompt + args.maxbatch_new
+        kv_seq = plan.kv_bytes_per_token(2 if dtype == torch.bfloat16 else 4) * tokens
+        rec = {"shape": shape_name, "variant": variant, "layout": layout, **plan_facts(plan), "tries": []}
+        if device.type == "cuda":
+            free(device)
+            total = torch.cuda.get_device_properties(device).total_memory
+            cap = int(args.cap_gib * 2**30)
+            weights = torch.cuda.memory_allocated(device)
+            # cache + one layer's copy while the dynamic cache grows + a chunk's activations (rough)
+            per_seq = kv_seq * (1 + 1 / plan.shape.num_layers) + args.chunk * model.config.intermediate_size * 2 * 4
+            b = int(0.97 * (cap - weights - 2**28) / per_seq)
+            torch.cuda.set_per_process_memory_fraction(cap / total, device)
+        else:
+            cap, weights, b = None, 0, batches[-1]
+        try:
+            for _ in range(5):
+                try:
+                    run = one_run(model, device, b, args.prompt, args.maxbatch_new, chunk=args.chunk)
+                    rec["tries"].append({"batch": b, "ok": True})
+                    break
+                except torch.OutOfMemoryError:
+                    rec["tries"].append({"batch": b, "ok": False})
+                    free(device)
+                    b = int(b * 0.95)
+            else:
+                run = None
+        finally:
+            if device.type == "cuda":
+                torch.cuda.set_per_process_memory_fraction(1.0, device)
+        rec.update(cap_bytes=cap, weights_bytes=weights, kv_bytes_per_seq=kv_seq, run=run)
+        if run and cap:
+            per_seq_meas = run["peak_over_weights"] / b
+            rec["max_batch_extrapolated"] = int((cap - weights) / per_seq_meas)
+            rec["peak_per_seq"] = per_seq_meas
+        data["maxbatch"].append(rec)
+        print("maxbatch", shape_name, variant, rec["tries"], rec.get("max_batch_extrapolated"), flush=True)
+        save()
+        del model
+        free(device)
+
+    for s in data["shapes"]:
+        for v in main_variants[s]:
+            throughput(s, v)
+    for s in data["shapes"]:
+        for v in main_variants[s]:
+            maxbatch(s, v)
+    for s in data["shapes"]:
+        for v in extra[s]:
+            throughput(s, v)
+    save()
+    (out / "decode_bench.md").write_text(report(data))
+    print(report(data))
+
+
+def plan_facts(plan: Plan) -> dict:
+    return {
+        "stored_kv_heads": plan.stored_kv_heads,
+        "kv_fraction": plan.kv_fraction,
+        "kv_bytes_per_token_bf16": plan.kv_bytes_per_token(2),
+    }
+
+
+def summary(rec: dict) -> str:
+    if rec.get("oom"):
+        return f"{rec['shape']} {rec['variant']} B={rec['batch']}: OOM"
+    return (
+        f"{rec['shape']:13} {rec['variant']:22} B={rec['batch']:<4} decode {rec['decode_tok_s']:9.1f} tok/s "
+        f"step {rec['step_ms_median']:.2f} ms prefill {rec['prefill_s']:.3f} s "
+        f"peak {rec.get('peak_over_weights', 0) / 2**30:.2f} GiB cache {rec['cache_bytes']}"
+    )
+
+
+def report(data: dict) -> str:
+    env, st = data["env"], data["settings"]
+    gib = 2**30
+    lines = [
+        "# Decode throughput and memory at matched KV bytes",
+        "",
+        f"Machine: {env.get('gpu', env['device'])} ({env.get('gpu_mem_gib', '?')} GiB, driver {env.get('driver', '?')}), "
+        f"torch {env['torch']} (CUDA {env.get('cuda')}), transformers {env['transformers']}, Python {env['python']}; "
+        f"{env['attn_implementation']}, dtype {st['dtype']}.",
+        f"Command: `{env['argv']}`",
+        f"Throughput runs: prompt {st['prompt']} + {st['new']} new tokens, greedy `generate()`, dynamic cache, "
+        f"median of {st['reps']} after a warm-up. Random weights: speed and memory depend on shapes only.",
+        "",
+        "## Decode tokens/s (median) and peak memory over the weights",
+        "",
+    ]
+    batches = sorted({r["batch"] for r in data["throughput"]})
+    head = "| shape | variant | stored KV heads | KV bytes/token | " + " | ".join(f"tok/s B={b}" for b in batches)
+    head += f" | step ms B={batches[-1] if batches else ''} | prefill s B={batches[-1] if batches else ''}"
+    head += f" | peak GiB B={batches[-1] if batches else ''} |"
+    lines += [head, "|" + "---|" * (head.count("|") - 1)]
+    rows: dict = {}
+    for r in data["throughput"]:
+        rows.setdefault((r["shape"], r["variant"]), {})[r["batch"]] = r
+    for (shape, variant), by_b in rows.items():
+        any_r = next(iter(by_b.values()))
+        cells = [shape, variant, str(any_r["stored_kv_heads"]), str(any_r["kv_bytes_per_token_bf16"])]
+        for b in batches:
+            r = by_b.get(b)
+            cells.append("OOM" if r and r.get("oom") else f"{r['decode_tok_s']:.0f}" if r else "")
+        last = by_b.get(batches[-1], {})
+        ok = last and not last.get("oom")
+        cells.append(f"{last['step_ms_median']:.2f}" if ok else "")
+        cells.append(f"{last['prefill_s']:.3f}" if ok else "")
+        cells.append(f"{last['peak_over_weights'] / gib:.2f}" if ok and "peak_over_weights" in last else "")
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "## Same-KV comparisons (decode tokens/s ratio)", ""]
+    pairs = [
+        ("smollm2-135m", "qcqa-ac-2/3", "gqa-2/3"),
+        ("smollm2-135m", "qcqa-ec-2/3", "gqa-2/3"),
+        ("smollm2-135m", "qcqa-ac-2/3", "qcqa-ac-2/3 (gather)"),
+        ("mha-12l", "qcqa-ac-4", "gqa-4"),
+        ("mha-12l", "qcqa-ec-4", "gqa-4"),
+        ("mha-12l", "qcqa-ac-4", "qcqa-ac-4 (gather)"),
+        ("smollm2-135m", "base", "llama (HF)"),
+        ("mha-12l", "base", "llama (HF)"),
+    ]
+    lines += ["| shape | A | B | " + " | ".join(f"A/B B={b}" for b in batches) + " |"]
+    lines += ["|" + "---|" * (3 + len(batches))]
+    for shape, a, b in pairs:
+        ra, rb = rows.get((shape, a)), rows.get((shape, b))
+        if not ra or not rb:
+            continue
+        cells = []
+        for bt in batches:
+            x, y = ra.get(bt), rb.get(bt)
+            ok = x and y and not x.get("oom") and not y.get("oom")
+            cells.append(f"{x['decode_tok_s'] / y['decode_tok_s']:.3f}" if ok else "")
+        lines.append(f"| {shape} | {a} | {b} | " + " | ".join(cells) + " |")
+    if data["maxbatch"]:
+        mb = data["maxbatch"][0]
+        lines += [
+            "",
+            f"## Largest batch under a {st['cap_gib']:g} GiB cap (prompt {st['prompt']} prefilled in chunks of "
+            f"{st['chunk']}, + {st['maxbatch_new']} new tokens)",
+            "",
+            "Ran: the batch that ran under the cap (tries: batches that hit OOM first). Max batch: "
+            "(cap − weights) / measured peak per sequence. Ratio vs base against 1 / KV fraction.",
+            "",
+            "| shape | variant | KV fraction | ran B (tries) | peak GiB | max batch | × base | 1/KV frac "
+            "| decode tok/s at ran B | step ms |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        base_max = {r["shape"]: r.get("max_batch_extrapolated") for r in data["maxbatch"] if r["variant"] == "base"}
+        for r in data["maxbatch"]:
+            run = r.get("run") or {}
+            tries = ",".join(str(t["batch"]) for t in r["tries"] if not t["ok"])
+            ran = f"{run.get('batch', 'none')}" + (f" (OOM at {tries})" if tries else "")
+            m, bm = r.get("max_batch_extrapolated"), base_max.get(r["shape"])
+            lines.append(
+                f"| {r['shape']} | {r['variant']} | {r['kv_fraction']:.3f} | {ran} | "
+                + (f"{(run.get('peak_over_weights', 0) + r['weights_bytes']) / gib:.2f}" if run else "")
+                + f" | {m or ''} | "
+                + (f"{m / bm:.2f}" if m and bm else "")
+                + f" | {1 / r['kv_fraction']:.2f} | "
+                + (f"{run['decode_tok_s']:.0f} | {run['step_ms_median']:.2f}" if run else " | ")
+                + " |"
+            )
+        del mb
+    lines += [
+        "",
+        "## KV cache: measured on the device vs analytic",
+        "",
+        "cache_bytes: kvshare.modeling.cache_bytes of the returned cache; allocated: torch.cuda.memory_allocated "
+        "with the cache alive minus before the call (less the output ids); analytic: batch × cached tokens × "
+        "Plan.kv_bytes_per_token(2).",
+        "",
+        "| shape | variant | batch | cached tokens | cache_bytes | allocated | analytic | cache/analytic |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in data["throughput"]:
+        if r.get("oom") or r["batch"] != batches[-1] or r["variant"] == "llama (HF)":
+            continue
+        bpt = r["kv_bytes_per_token_bf16"] * (1 if st["dtype"] == "torch.bfloat16" else 2)
+        analytic = r["batch"] * r["cached_tokens"] * bpt
+        lines.append(
+            f"| {r['shape']} | {r['variant']} | {r['batch']} | {r['cached_tokens']} | {r['cache_bytes']} | "
+            f"{r.get('alloc_delta_with_cache', '')} | {analytic} | {r['cache_bytes'] / analytic:.4f} |"
+        )
+    if data["skipped"]:
+        lines += ["", "Skipped for the time budget: " + "; ".join(data["skipped"])]
+    lines += ["", f"Script wall time: {data.get('elapsed_s', 0):.0f} s.", ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()
