@@ -320,11 +320,12 @@ def main() -> None:
         model, plan, layout = build(shape_name, dims_of[shape_name], variant, device, dtype, bases)
         one_run(model, device, batches[0], min(64, args.prompt), 4)  # warm-up
         for b in batches:
+            rec = {"batch": b, "oom": True}
             try:
                 rec = median_runs(model, device, b, args.prompt, args.new, args.reps)
             except torch.OutOfMemoryError:
-                rec = {"batch": b, "oom": True}
-                free(device)
+                pass
+            free(device)  # outside the handler, so the failed call's frames are gone
             rec.update(shape=shape_name, variant=variant, layout=layout, **plan_facts(plan))
             data["throughput"].append(rec)
             print(summary(rec), flush=True)
@@ -336,6 +337,7 @@ def main() -> None:
         if over_budget(f"maxbatch {shape_name} {variant}"):
             return
         model, plan, layout = build(shape_name, dims_of[shape_name], variant, device, dtype, bases)
+        bases.clear()  # only this variant's weights count under the cap
         tokens = args.prompt + args.maxbatch_new
         kv_seq = plan.kv_bytes_per_token(2 if dtype == torch.bfloat16 else 4) * tokens
         rec = {"shape": shape_name, "variant": variant, "layout": layout, **plan_facts(plan), "tries": []}
@@ -350,18 +352,18 @@ def main() -> None:
             torch.cuda.set_per_process_memory_fraction(cap / total, device)
         else:
             cap, weights, b = None, 0, batches[-1]
+        run = None
         try:
             for _ in range(5):
                 try:
                     run = one_run(model, device, b, args.prompt, args.maxbatch_new, chunk=args.chunk)
-                    rec["tries"].append({"batch": b, "ok": True})
-                    break
                 except torch.OutOfMemoryError:
-                    rec["tries"].append({"batch": b, "ok": False})
-                    free(device)
-                    b = int(b * 0.95)
-            else:
-                run = None
+                    pass
+                rec["tries"].append({"batch": b, "ok": run is not None})
+                if run is not None:
+                    break
+                free(device)  # outside the handler, so the failed call's frames are gone
+                b = int(b * 0.95)
         finally:
             if device.type == "cuda":
                 torch.cuda.set_per_process_memory_fraction(1.0, device)
@@ -478,10 +480,20 @@ def report(data: dict) -> str:
             "(cap − weights) / measured peak per sequence. Ratio vs base against 1 / KV fraction.",
             "",
             "| shape | variant | KV fraction | ran B (tries) | peak GiB | max batch | × base | 1/KV frac "
-            "| decode tok/s at ran B | step ms |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+            "| decode tok/s at ran B | step ms | max batch, unchunked prefill | × base |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
+        # Unchunked prefill (plain generate): per-sequence peak from the two largest throughput batches.
+        unchunked = {}
+        for r in data["maxbatch"]:
+            by_b = rows.get((r["shape"], r["variant"]), {})
+            ok = [b for b in batches if b in by_b and "peak_over_weights" in by_b[b]]
+            if len(ok) >= 2 and r.get("cap_bytes"):
+                b1, b2 = ok[-2], ok[-1]
+                slope = (by_b[b2]["peak_over_weights"] - by_b[b1]["peak_over_weights"]) / (b2 - b1)
+                unchunked[(r["shape"], r["variant"])] = int((r["cap_bytes"] - r["weights_bytes"]) / slope)
         base_max = {r["shape"]: r.get("max_batch_extrapolated") for r in data["maxbatch"] if r["variant"] == "base"}
+        base_un = {s: unchunked.get((s, "base")) for s in base_max}
         for r in data["maxbatch"]:
             run = r.get("run") or {}
             tries = ",".join(str(t["batch"]) for t in r["tries"] if not t["ok"])
@@ -494,6 +506,12 @@ def report(data: dict) -> str:
                 + (f"{m / bm:.2f}" if m and bm else "")
                 + f" | {1 / r['kv_fraction']:.2f} | "
                 + (f"{run['decode_tok_s']:.0f} | {run['step_ms_median']:.2f}" if run else " | ")
+                + f" | {unchunked.get((r['shape'], r['variant']), '')} | "
+                + (
+                    f"{unchunked[(r['shape'], r['variant'])] / base_un[r['shape']]:.2f}"
+                    if (r["shape"], r["variant"]) in unchunked and base_un.get(r["shape"])
+                    else ""
+                )
                 + " |"
             )
         del mb

@@ -60,8 +60,8 @@ def synthetic_layers(layers: int, n: int, head_dim: int, hidden: int, seed: int 
 
 
 def head_vectors(w: torch.Tensor, n: int) -> np.ndarray:
-    """The rows kv_head_vectors gives for a layer: K then V rows of each head, flattened (float64)."""
-    return torch.cat([w[0].reshape(n, -1), w[1].reshape(n, -1)], dim=1).to(torch.float64).numpy()
+    """The rows kv_head_vectors gives for a layer: K then V rows of each head, flattened (float32)."""
+    return np.concatenate([w[0].reshape(n, -1).numpy(), w[1].reshape(n, -1).numpy()], axis=1)
 
 
 def median_rate(fn, count: int, repeats: int) -> float:

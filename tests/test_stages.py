@@ -59,6 +59,7 @@ def test_evaluate_perplexity_equals_direct_computation(pipeline):
             f"evaluate.out={root}/m.json",
             "evaluate.seq_len=32",
             "evaluate.max_windows=3",
+            "evaluate.tasks=[]",
         )
     )
     model, _ = load_model(root / "ck")
@@ -118,3 +119,22 @@ def test_papers_comparisons_on_hand_made_points():
     assert cla.perplexity_diff.iloc[0] == pytest.approx(-10.0)
     rho = wse_rank_correlation(df).set_index("quality").spearman
     assert rho["perplexity"] == pytest.approx(1.0) and rho["zeroshot_avg"] == pytest.approx(-1.0)
+
+
+def test_strided_perplexity_scores_each_token_once_with_more_context():
+    from kvshare.metrics import perplexity_and_agreement, windows
+    from tests.builders import tiny_llama
+
+    model = tiny_llama(layers=2)
+    tokens = np.arange(200) % 97
+    full = windows(tokens, 40, 100)
+    strided = windows(tokens, 40, 100, stride=10)
+    assert len(full) == 5 and len(strided) == 17
+    a = perplexity_and_agreement(model, full, 4)
+    b = perplexity_and_agreement(model, strided, 4, stride=10)
+    assert a["eval_tokens"] == 5 * 39 and b["eval_tokens"] == 39 + 16 * 10
+    # with stride == seq_len both paths agree exactly
+    c = perplexity_and_agreement(model, full, 2, stride=40)
+    assert c["perplexity"] == pytest.approx(a["perplexity"], rel=1e-6)
+    with pytest.raises(Exception, match="evaluate.stride=50"):
+        windows(tokens, 40, 10, stride=50)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import time
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from kvshare.cli import entry
 from kvshare.convert import read_spec
@@ -38,6 +38,8 @@ def zeroshot_metrics(model, tokenizer, e: DictConfig, device) -> dict:
     """Flat ``<metric>_<task>`` scores and their ``zeroshot_avg`` (empty when no task is configured)."""
     if not e.tasks:
         return {}
+    if OmegaConf.is_missing(e, "eval_data_dir"):
+        raise KVShareError("evaluate.eval_data_dir is not set: run the evaldata stage first, or set evaluate.tasks=[]")
     from kvshare.zeroshot import run_zeroshot
 
     scores = run_zeroshot(
@@ -68,14 +70,14 @@ def run(cfg: DictConfig) -> dict:
     spec = read_spec(e.checkpoint)
     plan = Plan.from_dict(spec["plan"])
     device = resolve_device(cfg.device)
-    batches = windows(load_tokens(e.data_dir, "val"), e.seq_len, e.max_windows)
+    batches = windows(load_tokens(e.data_dir, "val"), e.seq_len, e.max_windows, e.stride)
     tags = {"model": spec["model"], "method": spec["method"], "budget": spec["budget"], "variant": e.variant}
     with stage_run(cfg, "evaluate", tags) as mlrun:
         mlrun.set_tags({"kvshare.input_runs": ",".join(v for v in spec["runs"].values() if v)})
         t0 = time.perf_counter()
         model, tokenizer = load_model(e.checkpoint, device)
         base, _ = load_model(e.base_dir, device)
-        metrics = perplexity_and_agreement(model, batches, e.batch_size, base, device)
+        metrics = perplexity_and_agreement(model, batches, e.batch_size, base, device, e.stride)
         del base
         metrics |= zeroshot_metrics(model, tokenizer, e, device)
         dtype_bytes = next(model.parameters()).element_size()

@@ -1,6 +1,9 @@
 """Quality measures on held-out tokens: perplexity, and agreement with the base model.
 
-Both use the same non-overlapping windows of the held-out split. KL(base ‖
+Both use the same windows of the held-out split: ``seq_len`` tokens each,
+starting every ``stride`` tokens; when windows overlap, only the tokens past the
+previous window are scored, so every token is scored once and with the longest
+context the window allows (the usual sliding-window perplexity). KL(base ‖
 variant) of next-token distributions and top-1 agreement still separate
 variants where a small model's zero-shot accuracy sits near chance.
 """
@@ -16,27 +19,42 @@ import torch.nn.functional as F
 from kvshare.errors import KVShareError
 
 
-def windows(tokens: np.ndarray, seq_len: int, max_windows: int) -> torch.Tensor:
-    """Non-overlapping windows of ``seq_len`` tokens from the start of ``tokens``: (n, seq_len)."""
-    n = min(max_windows, len(tokens) // seq_len)
+def windows(tokens: np.ndarray, seq_len: int, max_windows: int, stride: int | None = None) -> torch.Tensor:
+    """Windows of ``seq_len`` tokens starting every ``stride`` (default: ``seq_len``) tokens: (n, seq_len)."""
+    stride = stride or seq_len
+    if not 0 < stride <= seq_len:
+        raise KVShareError(f"evaluate.stride={stride} must be between 1 and evaluate.seq_len={seq_len}")
+    n = min(max_windows, (len(tokens) - seq_len) // stride + 1) if len(tokens) >= seq_len else 0
     if n < 1:
         raise KVShareError(f"evaluate.seq_len={seq_len} is longer than the {len(tokens)} held-out tokens: lower it")
-    return torch.from_numpy(np.asarray(tokens[: n * seq_len], dtype=np.int64).reshape(n, seq_len))
+    rows = [np.asarray(tokens[i * stride : i * stride + seq_len], dtype=np.int64) for i in range(n)]
+    return torch.from_numpy(np.stack(rows))
 
 
 @torch.no_grad()
-def perplexity_and_agreement(model, batches: torch.Tensor, batch_size: int, base=None, device="cpu") -> dict:
-    """Perplexity of ``model`` on every next token of each window; with ``base``, also KL and top-1 agreement."""
+def perplexity_and_agreement(
+    model, batches: torch.Tensor, batch_size: int, base=None, device="cpu", stride: int | None = None
+) -> dict:
+    """Perplexity of ``model`` on the scored next tokens of each window; with ``base``, also KL and top-1 agreement.
+
+    The first window scores every prediction; later ones only their last ``stride`` (new) tokens.
+    """
+    seq_len = batches.shape[1]
+    stride = stride or seq_len
     nll, kl, agree, count = 0.0, 0.0, 0, 0
     for i in range(0, len(batches), batch_size):
         x = batches[i : i + batch_size].to(device)
+        # Window k predicts targets k*stride+1 .. k*stride+seq_len-1; those past the previous window are new.
+        scored = torch.zeros(x.shape[0], seq_len - 1, dtype=torch.bool, device=device)
+        for row in range(x.shape[0]):
+            scored[row, 0 if i + row == 0 else max(0, seq_len - 1 - stride) :] = True
         logp = F.log_softmax(model(input_ids=x).logits[:, :-1].float(), -1)
-        nll -= logp.gather(-1, x[:, 1:, None]).sum().item()
-        count += x[:, 1:].numel()
+        nll -= logp.gather(-1, x[:, 1:, None]).squeeze(-1)[scored].sum().item()
+        count += int(scored.sum())
         if base is not None:
             base_logp = F.log_softmax(base(input_ids=x).logits[:, :-1].float(), -1)
-            kl += F.kl_div(logp, base_logp, log_target=True, reduction="sum").item()
-            agree += (logp.argmax(-1) == base_logp.argmax(-1)).sum().item()
+            kl += F.kl_div(logp, base_logp, log_target=True, reduction="none").sum(-1)[scored].sum().item()
+            agree += (logp.argmax(-1) == base_logp.argmax(-1))[scored].sum().item()
     out = {"perplexity": math.exp(nll / count), "nll": nll / count, "eval_tokens": count}
     if base is not None:
         out |= {"kl_to_base": kl / count, "top1_agreement": agree / count}

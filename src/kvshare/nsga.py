@@ -91,7 +91,11 @@ def divisors(n: int) -> np.ndarray:
 
 
 class GroupingProblem(Problem):
-    """One layer: minimise (number of KV heads, WSE) over group-id vectors."""
+    """One layer: minimise (number of KV heads, WSE) over group-id vectors.
+
+    It also keeps the archive: per count, the least-WSE grouping evaluated so far
+    (``best_x[k-1]``, ``best_f[k-1]``); both ends (one group, all heads apart) are known upfront.
+    """
 
     def __init__(self, dist: np.ndarray, equal_sizes: bool):
         n = dist.shape[0]
@@ -99,10 +103,22 @@ class GroupingProblem(Problem):
         self.dist = dist
         self.equal_sizes = equal_sizes
         self.counts = divisors(n) if equal_sizes else np.arange(1, n + 1)
+        self.one_group = float(wse_population(dist, np.zeros((1, n), dtype=np.int64))[0])
+        self.best_x = np.zeros((n, n), dtype=np.int64)
+        self.best_f = np.full(n, np.inf)
+        self.best_x[-1], self.best_f[-1] = np.arange(n), 0.0
+        self.best_f[0] = self.one_group
 
     def _evaluate(self, x, out, *args, **kwargs):
         labels = labels_of(x, self.n_var)
-        out["F"] = np.column_stack([n_groups(labels), wse_population(self.dist, labels)]).astype(float)
+        f = np.column_stack([n_groups(labels), wse_population(self.dist, labels)]).astype(float)
+        out["F"] = f
+        k = f[:, 0].astype(int)
+        order = np.lexsort((f[:, 1], k))
+        for j in order[np.r_[True, k[order][1:] != k[order][:-1]]]:  # the best row of each count
+            if f[j, 1] < self.best_f[k[j] - 1]:
+                self.best_f[k[j] - 1] = f[j, 1]
+                self.best_x[k[j] - 1] = canonical_rows(labels[j][None])[0]
 
 
 def labels_of(x: np.ndarray, n: int) -> np.ndarray:
@@ -286,7 +302,7 @@ class PartitionMating(InfillCriterion):
     """
 
     def __init__(self, crossover: AlignedUniformCrossover, mutation: PartitionMutation, fix: Repair):
-        super().__init__(n_max_iterations=1)  # the rounds happen inside _do
+        super().__init__(repair=AlreadyRepaired(), n_max_iterations=1)  # rounds and repair happen inside _do
         self.crossover, self.mutation, self.fix = crossover, mutation, fix
 
     def _do(self, problem, pop, n_offsprings, random_state=None, **kwargs):
@@ -319,6 +335,13 @@ class PartitionMating(InfillCriterion):
             if len(new) >= n_offsprings:
                 break
         return Population.new("X", np.array(new[:n_offsprings], dtype=np.int64).reshape(-1, problem.n_var))
+
+
+class AlreadyRepaired(Repair):
+    """For offspring repaired while they were bred: skips pymoo's per-individual copy in and out."""
+
+    def do(self, problem, pop, **kwargs):
+        return pop
 
 
 def group_stats(dist: np.ndarray, row: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -502,12 +525,6 @@ def _stage1_layers(dists, equal_sizes, settings, seeds, first_layer, progress=Fa
         algo = stage1_algorithm(problem, settings, None if seeds is None else seeds[i])
         algo.setup(problem, termination=NoTermination(), seed=settings.seed + first_layer + i)
         algos.append(algo)
-    best_x = [np.zeros((p.n_var, p.n_var), dtype=np.int64) for p in problems]
-    best_f = [np.full(p.n_var, np.inf) for p in problems]
-    scale = [float(wse_population(d, np.zeros((1, d.shape[0]), dtype=np.int64))[0]) for d in dists]
-    for x, f, one_group in zip(best_x, best_f, scale, strict=True):  # both ends of every front are known
-        x[-1], f[-1] = np.arange(len(f)), 0.0
-        x[0], f[0] = 0, one_group
     hv = np.zeros((settings.generations + 1, len(dists)))
     done = [False] * len(dists)
     evaluations = 0
@@ -522,24 +539,10 @@ def _stage1_layers(dists, equal_sizes, settings, seeds, first_layer, progress=Fa
             algo.evaluator.eval(problem, pop)
             algo.tell(infills=pop)
             evaluations += len(pop)
-            x, f = pop.get("X", "F")
-            x = labels_of(x, problem.n_var)
-            _archive(best_x[i], best_f[i], x if settings.operators == "partition" else canonical_rows(x), f)
-            hv[gen, i] = layer_hypervolume(best_f[i], scale[i])
+            hv[gen, i] = layer_hypervolume(problem.best_f, problem.one_group)
         bar.update()
     bar.close()
-    return Stage1Result(best_x, best_f, hv, evaluations)
-
-
-def _archive(best_x: np.ndarray, best_f: np.ndarray, labels: np.ndarray, f: np.ndarray) -> None:
-    """Keep, per count, the least-WSE grouping seen so far (ties: the earlier one)."""
-    k = f[:, 0].astype(int)
-    order = np.lexsort((f[:, 1], k))
-    first = order[np.r_[True, k[order][1:] != k[order][:-1]]]
-    for j in first:
-        if f[j, 1] < best_f[k[j] - 1]:
-            best_f[k[j] - 1] = f[j, 1]
-            best_x[k[j] - 1] = labels[j]
+    return Stage1Result([p.best_x for p in problems], [p.best_f for p in problems], hv, evaluations)
 
 
 # --- stage 2 ---------------------------------------------------------------------------------------------------

@@ -55,14 +55,6 @@ class LayerFront:
         ]
         return cls(rows, errors)
 
-    def merged(self, other: LayerFront) -> LayerFront:
-        """Per count, the better of the two."""
-        pick = [b < a for a, b in zip(self.errors, other.errors, strict=True)]
-        return LayerFront(
-            [o if p else s for s, o, p in zip(self.groupings, other.groupings, pick, strict=True)],
-            [o if p else s for s, o, p in zip(self.errors, other.errors, pick, strict=True)],
-        )
-
     def to_dict(self) -> dict:
         ok = [k for k, e in enumerate(self.errors, start=1) if np.isfinite(e)]
         return {"n_kv": ok, "wse": [self.errors[k - 1] for k in ok], "groups": [self.groupings[k - 1] for k in ok]}

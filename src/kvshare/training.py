@@ -220,9 +220,9 @@ def lm_loss(hidden, weight, targets, teacher=None, distill_weight=0.0, temperatu
 
 def final_hidden(model, input_ids: torch.Tensor) -> torch.Tensor:
     """The decoder's last hidden states (B, S, H), without the LM head."""
-    kwargs = {}
+    kwargs = {"use_cache": False}  # a training forward needs no cache...
     if getattr(model, "shares_across_layers", False):
-        # Cross-layer sharing passes K/V between layers through the cache (kvshare.modeling).
+        # ...except that cross-layer sharing passes K/V between layers through it (kvshare.modeling).
         from transformers import DynamicCache
 
         kwargs = {"past_key_values": DynamicCache(config=model.config), "use_cache": True}

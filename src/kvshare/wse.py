@@ -53,17 +53,19 @@ def kv_projections(model) -> list[tuple]:
 def kv_head_vectors(model, factors: list[np.ndarray] | None = None) -> list[np.ndarray]:
     """Per layer, one row per source KV head: its K and V projection rows [W | b], times ``factors[i]`` if given.
 
-    ``factors[i]`` is (in_features + has_bias, r): a factor of the layer's input
-    covariance (bias input 1 appended), so rows become output-space vectors.
+    Rows keep the weights' float32 unless ``factors`` are given (float64, see
+    below). ``factors[i]`` is (in_features + has_bias, r): a factor of the
+    layer's input covariance (bias input 1 appended), so rows become output-space vectors.
     """
     out = []
     for i, (k_proj, v_proj, head_dim) in enumerate(kv_projections(model)):
         n_kv = k_proj.out_features // head_dim
+        dtype = torch.float32 if factors is None else torch.float64
         parts = []
         for proj in (k_proj, v_proj):
-            w = proj.weight.detach().to(torch.float64)
+            w = proj.weight.detach().to(dtype)
             if proj.bias is not None:
-                w = torch.cat([w, proj.bias.detach().to(torch.float64)[:, None]], dim=1)
+                w = torch.cat([w, proj.bias.detach().to(dtype)[:, None]], dim=1)
             w = w.cpu().numpy()
             if factors is not None:
                 w = w @ factors[i]
@@ -73,14 +75,20 @@ def kv_head_vectors(model, factors: list[np.ndarray] | None = None) -> list[np.n
 
 
 def pairwise_sq_dists(x: np.ndarray) -> np.ndarray:
-    """Squared Euclidean distances between rows, through the Gram matrix (exactly symmetric, zero diagonal).
+    """Squared Euclidean distances between rows, through the Gram matrix (float64, symmetric, zero diagonal).
 
-    Rows are centred first: distances do not change, and the Gram entries get
-    small, so ``|a|^2 + |b|^2 - 2ab`` loses far fewer digits for near-equal heads.
+    float64 rows are centred first (distances do not change, and small Gram
+    entries make ``|a|^2 + |b|^2 - 2ab`` lose far fewer digits for near-equal
+    heads). float32 rows (weights as loaded) take one float32 product instead:
+    about 1e-6 relative error, and 5x faster for a 7B layer's 32 x 1M rows.
     """
-    x = np.asarray(x, dtype=np.float64)
-    x = x - x.mean(axis=0)
-    gram = x @ x.T
+    x = np.asarray(x)
+    if x.dtype == np.float64:
+        x = x - x.mean(axis=0)
+        gram = x @ x.T
+    else:
+        t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+        gram = (t @ t.T).to(torch.float64).numpy()
     sq = np.diag(gram)
     d = np.maximum(sq[:, None] + sq[None, :] - 2.0 * gram, 0.0)
     d = (d + d.T) / 2.0

@@ -1,0 +1,190 @@
+"""The training loop (kvshare.training) on tiny CPU models: learning, exact resume, distillation, failures."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kvshare.data import tokenize_corpus
+from kvshare.errors import KVShareError
+from kvshare.training import TrainSettings, latest_checkpoint, lm_loss, train
+from tests.builders import tiny_llama
+
+CPU = torch.device("cpu")
+
+
+def corpus(n: int = 6000, seed: int = 0) -> np.ndarray:
+    """Tokens with structure a tiny model learns in a few steps: a noisy counter modulo 97."""
+    rng = np.random.default_rng(seed)
+    x = (np.arange(n) * 7 + (rng.random(n) < 0.1) * rng.integers(0, 97, n)) % 97
+    return x.astype(np.uint32)
+
+
+def settings(tmp_path, **kw) -> TrainSettings:
+    base = dict(seq_len=32, micro_batch=2, global_batch=4, max_steps=6, lr=3e-3, warmup_fraction=0.2)
+    return TrainSettings(**{**base, "resume_dir": str(tmp_path / "resume"), "progress": False, **kw})
+
+
+def run(model, s, teacher=None, log=None):
+    losses = {}
+
+    def record(metrics, step):
+        losses[step] = metrics
+        if log:
+            log(metrics, step)
+
+    result = train(model, corpus(), corpus(2000, seed=1), s, CPU, teacher=teacher, log=record)
+    return result, losses
+
+
+def test_loss_falls_on_a_tiny_corpus(tmp_path):
+    result, logs = run(tiny_llama(heads=4, kv_heads=2, layers=2), settings(tmp_path, max_steps=12, lr=1e-2))
+    assert result.heldout_loss_after < result.heldout_loss_before - 1.0
+    assert logs[12]["train_loss"] < logs[1]["train_loss"] - 1.0
+    assert result.tokens == 12 * 4 * 32 and {"lr", "tokens_per_second", "mfu", "grad_norm"} <= logs[1].keys()
+
+
+def test_resume_continues_from_the_right_step_with_identical_losses(tmp_path):
+    _, straight = run(tiny_llama(layers=2), settings(tmp_path / "a", checkpoint_interval=3, max_steps=8))
+
+    def kill_after_step_4(metrics, step):
+        if step == 4:
+            raise KeyboardInterrupt  # stands in for SIGKILL: step 4 never reaches a checkpoint
+
+    s = settings(tmp_path / "b", checkpoint_interval=3, max_steps=8)
+    with pytest.raises(KeyboardInterrupt):
+        run(tiny_llama(layers=2), s, log=kill_after_step_4)
+    assert latest_checkpoint(s.resume_dir).name == "step-00000003"
+    result, resumed = run(tiny_llama(layers=2, seed=1), s)  # other initial weights: all must come from the checkpoint
+    assert result.resumed_from == 3 and sorted(resumed) == [4, 5, 6, 7, 8]
+    for step in resumed:
+        assert resumed[step]["train_loss"] == pytest.approx(straight[step]["train_loss"], abs=1e-6)
+        assert resumed[step]["lr"] == straight[step]["lr"]
+
+
+def test_resume_refuses_a_checkpoint_of_other_settings(tmp_path):
+    run(tiny_llama(layers=2), settings(tmp_path, checkpoint_interval=2, max_steps=2))
+    with pytest.raises(KVShareError, match="other settings.*lr"):
+        run(tiny_llama(layers=2), settings(tmp_path, checkpoint_interval=2, max_steps=2, lr=1e-3))
+
+
+def test_fused_loss_matches_cross_entropy_and_kl_with_gradients():
+    torch.manual_seed(0)
+    h = torch.randn(37, 16, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(101, 16, dtype=torch.float64, requires_grad=True)
+    th, tw = torch.randn(37, 16, dtype=torch.float64), torch.randn(101, 16, dtype=torch.float64)
+    y = torch.randint(0, 101, (37,))
+    loss, ce, kl = lm_loss(h, w, y, (th, tw), distill_weight=0.3, temperature=2.0, chunk=8)
+    loss.backward()
+    got = h.grad.clone(), w.grad.clone()
+    h.grad = w.grad = None
+    log_s, log_t = F.log_softmax(h @ w.T / 2, -1), F.log_softmax(th @ tw.T / 2, -1)
+    ref_kl = F.kl_div(log_s, log_t, log_target=True, reduction="sum") / 37
+    ref = 0.7 * F.cross_entropy(h @ w.T, y) + 0.3 * 4 * ref_kl
+    ref.backward()
+    assert loss.item() == pytest.approx(ref.item(), abs=1e-12) and kl.item() == pytest.approx(ref_kl.item(), abs=1e-12)
+    assert torch.allclose(got[0], h.grad, atol=1e-12) and torch.allclose(got[1], w.grad, atol=1e-12)
+
+
+def test_distillation_loss_is_zero_when_student_equals_teacher(tmp_path):
+    model = tiny_llama(layers=2)
+    _, logs = run(model, settings(tmp_path, max_steps=2, distill_weight=1.0), teacher=copy.deepcopy(model))
+    for step in (1, 2):  # zero loss, zero gradient: the student stays the teacher
+        assert logs[step]["distill_kl"] == pytest.approx(0, abs=1e-6)
+        assert logs[step]["train_loss"] == pytest.approx(0, abs=1e-6)
+        assert logs[step]["train_ce"] > 1
+
+
+def test_heldout_split_never_overlaps_training(tmp_path):
+    class CharTokenizer:  # one token per byte; EOS 256
+        eos_token_id = 256
+
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": list(text.encode())}
+
+        def __len__(self):
+            return 257
+
+    docs = [f"document {i} " * (1 + i % 5) for i in range(300)]
+    docs += docs[:50]  # repeated documents must land in the same split
+    tokenize_corpus(CharTokenizer(), docs, tmp_path / "d", val_fraction=0.2)
+
+    def split(name):
+        tokens = np.fromfile(tmp_path / "d" / f"{name}.bin", dtype=np.uint32).tolist()
+        text, out = [], []
+        for t in tokens:
+            if t == 256:
+                out.append(bytes(text).decode())
+                text = []
+            else:
+                text.append(t)
+        return out
+
+    train_docs, val_docs = split("train"), split("val")
+    assert not set(train_docs) & set(val_docs)
+    assert set(train_docs) | set(val_docs) == set(docs) and 20 < len(set(val_docs)) < 100
+
+
+def test_nan_loss_stops_with_one_line_and_keeps_the_last_good_checkpoint(tmp_path):
+    model = tiny_llama(layers=2)
+
+    def poison_after_step_4(metrics, step):
+        if step == 4:  # after step 4's checkpoint: the next forward gives NaN
+            with torch.no_grad():
+                model.model.norm.weight.fill_(float("nan"))
+
+    s = settings(tmp_path, checkpoint_interval=2, max_steps=8)
+    with pytest.raises(KVShareError, match="at step 5; stopped before updating") as e:
+        run(model, s, log=poison_after_step_4)
+    assert "\n" not in str(e.value) and "step-00000004" in str(e.value)
+    ckpt = latest_checkpoint(s.resume_dir)
+    state = torch.load(ckpt / "state.pt", weights_only=False)
+    assert state["step"] == 4 and all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+def test_out_of_memory_names_the_settings_to_lower(tmp_path, monkeypatch):
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr("kvshare.training._Objective.forward", oom)
+    with pytest.raises(KVShareError, match=r"micro_batch=2, seq_len=32: lower micro_batch"):
+        run(tiny_llama(layers=2), settings(tmp_path, eval_windows=0))
+
+
+def _ddp_rank(rank: int, world: int, port: int, out: str) -> None:
+    import json
+    import os
+
+    from kvshare.training import setup_distributed
+
+    os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist, device = setup_distributed(CPU)
+    logs = {}
+    s = TrainSettings(seq_len=32, micro_batch=1, global_batch=4, max_steps=3, lr=3e-3, progress=False)
+    train(tiny_llama(layers=2), corpus(), corpus(2000, seed=1), s, device, dist, log=lambda m, k: logs.update({k: m}))
+    if dist.main:
+        with open(out, "w") as fh:
+            json.dump({k: m["train_loss"] for k, m in logs.items()}, fh)
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_ranks_under_ddp_give_the_single_process_losses(tmp_path):
+    import json
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    out = tmp_path / "ddp.json"
+    mp.spawn(_ddp_rank, args=(2, port, str(out)), nprocs=2)
+    ddp = {int(k): v for k, v in json.loads(out.read_text()).items()}
+    s = TrainSettings(seq_len=32, micro_batch=1, global_batch=4, max_steps=3, lr=3e-3, progress=False)
+    single = {}
+    train(tiny_llama(layers=2), corpus(), corpus(2000, seed=1), s, CPU, log=lambda m, k: single.update({k: m}))
+    assert ddp == pytest.approx({k: m["train_loss"] for k, m in single.items()}, abs=1e-5)
