@@ -283,6 +283,8 @@ def main() -> None:
         args.prompt, args.new, args.maxbatch_new, args.reps, args.chunk = 48, 6, 6, 2, 16
         args.batches = "1,4"
     device = torch.device(args.device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     dims_of = SMOKE_SHAPES if args.smoke else SHAPES
     out = Path(args.out)
@@ -378,15 +380,26 @@ def main() -> None:
         del model
         free(device)
 
+    def guarded(fn, s, v):
+        try:
+            fn(s, v)
+        except Exception as e:  # a broken measurement must not lose the others
+            data.setdefault("errors", []).append(f"{fn.__name__} {s} {v}: {type(e).__name__}: {e}")
+            print("ERROR", data["errors"][-1], flush=True)
+            if device.type == "cuda":
+                torch.cuda.set_per_process_memory_fraction(1.0, device)
+            free(device)
+            save()
+
     for s in data["shapes"]:
         for v in main_variants[s]:
-            throughput(s, v)
+            guarded(throughput, s, v)
     for s in data["shapes"]:
         for v in main_variants[s]:
-            maxbatch(s, v)
+            guarded(maxbatch, s, v)
     for s in data["shapes"]:
         for v in extra[s]:
-            throughput(s, v)
+            guarded(throughput, s, v)
     save()
     (out / "decode_bench.md").write_text(report(data))
     print(report(data))
@@ -535,6 +548,8 @@ def report(data: dict) -> str:
             f"| {r['shape']} | {r['variant']} | {r['batch']} | {r['cached_tokens']} | {r['cache_bytes']} | "
             f"{r.get('alloc_delta_with_cache', '')} | {analytic} | {r['cache_bytes'] / analytic:.4f} |"
         )
+    if data.get("errors"):
+        lines += ["", "Errors: " + "; ".join(data["errors"])]
     if data["skipped"]:
         lines += ["", "Skipped for the time budget: " + "; ".join(data["skipped"])]
     lines += ["", f"Script wall time: {data.get('elapsed_s', 0):.0f} s.", ""]

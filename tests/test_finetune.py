@@ -188,3 +188,45 @@ def test_two_ranks_under_ddp_give_the_single_process_losses(tmp_path):
     single = {}
     train(tiny_llama(layers=2), corpus(), corpus(2000, seed=1), s, CPU, log=lambda m, k: single.update({k: m}))
     assert ddp == pytest.approx({k: m["train_loss"] for k, m in single.items()}, abs=1e-5)
+
+
+def test_pretrain_writes_loadable_checkpoints_in_any_layout_from_the_same_tokens(tmp_path):
+    import json
+
+    from kvshare import pretrain
+    from kvshare.models import load_model
+    from kvshare.plan import Plan
+    from tests.builders import make_cfg
+
+    def cfg(layout, *o):
+        return make_cfg(
+            tmp_path,
+            "model.num_hidden_layers=2",
+            f"pretrain.layout={layout}",
+            f"pretrain.out={tmp_path}/{layout}",
+            "pretrain.max_steps=3",
+            "pretrain.seq_len=32",
+            "pretrain.micro_batch=2",
+            "pretrain.global_batch=4",
+            "pretrain.eval_windows=2",
+            "pretrain.progress=false",
+            *o,
+        )
+
+    mha = pretrain.run(cfg("mha"))
+    cla = pretrain.run(cfg("mqa+cla2", f"pretrain.tokenizer={tmp_path}/mha"))
+    assert mha["train_tokens_sha256"] == cla["train_tokens_sha256"]  # same tokenizer, same tokens
+    assert mha["kv_fraction"] == 1 and cla["kv_fraction"] == 1 / 16  # 1 of 8 KV heads, every other layer
+    assert json.loads((tmp_path / "mha" / "kvshare_base.json").read_text())["kv_heads"] == 8
+    for layout, model_type in (("mha", "llama"), ("mqa+cla2", "kvshare_llama")):
+        spec = json.loads((tmp_path / layout / "kvshare_spec.json").read_text())
+        plan = Plan.from_dict(spec["plan"])
+        model, _ = load_model(tmp_path / layout)
+        assert model.config.model_type == model_type and spec["runs"]["pretrain"]
+        x = torch.randint(0, model.config.vocab_size, (1, 16))
+        with torch.no_grad():
+            cache = model(x, use_cache=True).past_key_values
+        from kvshare.modeling import cache_bytes
+
+        assert cache_bytes(cache) == plan.kv_bytes_per_token(4) * 16
+        assert not (tmp_path / f"{layout}.resume").exists()

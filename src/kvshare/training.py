@@ -306,7 +306,7 @@ def _all_mean(x: torch.Tensor, dist: Dist) -> torch.Tensor:
     return x
 
 
-def _barrier(dist: Dist) -> None:
+def barrier(dist: Dist) -> None:
     if dist.world > 1:
         import torch.distributed as tdist
 
@@ -539,7 +539,7 @@ def train(
             }
             if dist.main:
                 last_ckpt = _save_checkpoint(Path(s.resume_dir), done, state, s.keep_checkpoints)
-            _barrier(dist)
+            barrier(dist)
             t_last = time.perf_counter()  # checkpoint time is not training throughput
         if dist.main:
             bar.set_postfix(loss=f"{stats[0]:.3f}", tok_s=f"{rate:,.0f}", mfu=f"{metrics['mfu']:.1%}", refresh=False)
