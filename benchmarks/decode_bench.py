@@ -273,6 +273,7 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=256, help="prefill chunk in the max-batch runs")
     ap.add_argument("--budget-s", type=float, default=1e9, help="skip what would start after this many seconds")
     ap.add_argument("--shapes", default="smollm2-135m,mha-12l")
+    ap.add_argument("--only", choices=["throughput", "maxbatch"], help="run one phase (maxbatch: gather rows too)")
     ap.add_argument("--report", help="only write the markdown table from this JSON")
     args = ap.parse_args()
     if args.report:
@@ -328,7 +329,8 @@ def main() -> None:
             except torch.OutOfMemoryError:
                 pass
             free(device)  # outside the handler, so the failed call's frames are gone
-            rec.update(shape=shape_name, variant=variant, layout=layout, **plan_facts(plan))
+            weights = sum(t.numel() * t.element_size() for t in model.parameters())
+            rec.update(shape=shape_name, variant=variant, layout=layout, weights_bytes=weights, **plan_facts(plan))
             data["throughput"].append(rec)
             print(summary(rec), flush=True)
             save()
@@ -391,18 +393,77 @@ def main() -> None:
             free(device)
             save()
 
-    for s in data["shapes"]:
-        for v in main_variants[s]:
-            guarded(throughput, s, v)
-    for s in data["shapes"]:
-        for v in main_variants[s]:
-            guarded(maxbatch, s, v)
-    for s in data["shapes"]:
-        for v in extra[s]:
-            guarded(throughput, s, v)
+    if args.only != "maxbatch":
+        for s in data["shapes"]:
+            for v in main_variants[s]:
+                guarded(throughput, s, v)
+    if args.only != "throughput":
+        for s in data["shapes"]:
+            gather = [v for v in extra[s] if "gather" in v] if args.only == "maxbatch" else []
+            for v in main_variants[s] + gather:
+                guarded(maxbatch, s, v)
+    if args.only is None:
+        for s in data["shapes"]:
+            for v in extra[s]:
+                guarded(throughput, s, v)
     save()
     (out / "decode_bench.md").write_text(report(data))
     print(report(data))
+
+
+def extrapolated_max_batch(data: dict, rows: dict, batches: list[int]) -> list[str]:
+    """Largest batch under a memory cap, from the peaks measured at the two largest throughput batches."""
+    if len(batches) < 2 or data["env"].get("gpu_mem_gib") is None:
+        return []
+    b1, b2 = batches[-2], batches[-1]
+    st, gib = data["settings"], 2**30
+    caps = [("16 GiB", 16 * gib), (f"whole GPU ({data['env']['gpu_mem_gib']} GiB)", data["env"]["gpu_mem_gib"] * gib)]
+    lines = [
+        "",
+        f"## Largest batch, extrapolated from measured peaks (prompt {st['prompt']} + {st['new']} new, plain generate)",
+        "",
+        f"Peak allocated memory is linear in the batch: per-sequence peak = slope between B={b1} and B={b2}; "
+        "max batch = (cap − weights − intercept) / slope. KV-only: (cap − weights) / cache bytes per sequence "
+        "(cache_bytes measured, = analytic), i.e. what the cache alone allows (prefill in chunks would approach it).",
+        "",
+        "| shape | variant | KV fraction | 1/KV frac | weights MiB | peak MiB/seq | cache MiB/seq | "
+        + " | ".join(f"max B {c} | × base | KV-only max B {c} | × base" for c, _ in caps)
+        + " |",
+        "|" + "---|" * (7 + 4 * len(caps)),
+    ]
+    fits = {}
+    for (shape, variant), by_b in rows.items():
+        r1, r2 = by_b.get(b1), by_b.get(b2)
+        if (
+            not r1
+            or not r2
+            or "peak_over_weights" not in r1
+            or "peak_over_weights" not in r2
+            or variant == "llama (HF)"
+        ):
+            continue
+        slope = (r2["peak_over_weights"] - r1["peak_over_weights"]) / (b2 - b1)
+        intercept = r1["peak_over_weights"] - slope * b1
+        cache_seq = r2["cache_bytes"] / b2
+        w = r2.get("weights_bytes", 0)
+        fits[(shape, variant)] = [
+            (int((cap - w - intercept) / slope), int((cap - w) / cache_seq)) for _, cap in caps
+        ] + [(slope, cache_seq, w, r2["kv_fraction"])]
+    for (shape, variant), f in fits.items():
+        slope, cache_seq, w, frac = f[-1]
+        base = fits.get((shape, "base"))
+        cells = [shape, variant, f"{frac:.3f}", f"{1 / frac:.2f}", f"{w / 2**20:.0f}"]
+        cells += [f"{slope / 2**20:.1f}", f"{cache_seq / 2**20:.1f}"]
+        for i in range(len(caps)):
+            m, kvm = f[i]
+            cells += [
+                str(m),
+                f"{m / base[i][0]:.2f}" if base else "",
+                str(kvm),
+                f"{kvm / base[i][1]:.2f}" if base else "",
+            ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
 
 
 def plan_facts(plan: Plan) -> dict:
@@ -436,9 +497,10 @@ def report(data: dict) -> str:
         f"Throughput runs: prompt {st['prompt']} + {st['new']} new tokens, greedy `generate()`, dynamic cache, "
         f"median of {st['reps']} after a warm-up. Random weights: speed and memory depend on shapes only.",
         "",
-        "## Decode tokens/s (median) and peak memory over the weights",
-        "",
     ]
+    if data.get("notes"):
+        lines += ["## Notes", ""] + [f"- {n}" for n in data["notes"]] + [""]
+    lines += ["## Decode tokens/s (median) and peak memory over the weights", ""]
     batches = sorted({r["batch"] for r in data["throughput"]})
     head = "| shape | variant | stored KV heads | KV bytes/token | " + " | ".join(f"tok/s B={b}" for b in batches)
     head += f" | step ms B={batches[-1] if batches else ''} | prefill s B={batches[-1] if batches else ''}"
@@ -528,6 +590,7 @@ def report(data: dict) -> str:
                 + " |"
             )
         del mb
+    lines += extrapolated_max_batch(data, rows, batches)
     lines += [
         "",
         "## KV cache: measured on the device vs analytic",

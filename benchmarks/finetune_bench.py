@@ -12,7 +12,7 @@ windows of ``--seq-len`` per forward, ``--global-batch`` per optimizer step):
   (chunked LM head + loss, fused AdamW, bf16 autocast);
 * ``ours``: the same with torch.compile (what ``finetune.compile=auto`` does on CUDA);
 * ``ours-cla2``: ``ours`` on the same shape with cross-layer attention (pairs of
-  layers share K/V; kvshare.modeling), to check that path compiles and runs fast.
+  layers share K/V; kvshare.modeling; its decoder compiles whole), to measure that path.
 
 Tokens/s are medians over steps after ``--warmup`` steps (compilation, autotuning),
 each step ending with a device synchronisation; MFU counts 6 FLOPs per weight
@@ -20,7 +20,10 @@ per token plus attention's 12 x layers x hidden x seq_len, against ``--peak-flop
 Imports only torch, transformers and kvshare's loop (no Hydra, no MLflow):
 
     PYTHONPATH=src python benchmarks/finetune_bench.py --out DIR      # GPU
+    PYTHONPATH=src torchrun --nproc_per_node=2 benchmarks/finetune_bench.py --variants ours --out DIR  # DDP
     PYTHONPATH=src python benchmarks/finetune_bench.py --smoke        # CPU, tiny, seconds
+
+Results: benchmarks/results/finetune_bench.md.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ import transformers
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
 from kvshare.modeling import KVShareLlamaConfig, KVShareLlamaForCausalLM
-from kvshare.training import TrainSettings, flops_per_token, train
+from kvshare.training import Dist, TrainSettings, flops_per_token, leave_distributed, setup_distributed, train
 
 SMOLLM2_135M = dict(
     num_hidden_layers=30,
@@ -65,7 +68,7 @@ def build(shape: dict, device: torch.device, cla: int = 1):
     return KVShareLlamaForCausalLM(config).to(device)
 
 
-def run_trainer(model, tokens: np.ndarray, a, device) -> dict:
+def run_trainer(model, tokens: np.ndarray, a, micro: int, device) -> dict:
     seq, n = a.seq_len, a.global_batch * (a.warmup + a.steps)
     windows = torch.from_numpy(tokens[: n * seq].astype(np.int64)).view(n, seq)
     data = [{"input_ids": w, "labels": w} for w in windows]  # the model shifts labels itself
@@ -85,8 +88,8 @@ def run_trainer(model, tokens: np.ndarray, a, device) -> dict:
         args = TrainingArguments(
             output_dir=out,
             max_steps=a.warmup + a.steps,
-            per_device_train_batch_size=a.micro_batch,
-            gradient_accumulation_steps=a.global_batch // a.micro_batch,
+            per_device_train_batch_size=micro,
+            gradient_accumulation_steps=a.global_batch // micro,
             learning_rate=1e-4,
             bf16=device.type == "cuda",
             optim="adamw_torch_fused" if device.type == "cuda" else "adamw_torch",
@@ -98,19 +101,27 @@ def run_trainer(model, tokens: np.ndarray, a, device) -> dict:
         )
         Trainer(model=model, args=args, train_dataset=data, callbacks=[Clock()]).train()
     step_times = np.diff(stamps)[a.warmup - 1 :]  # stamps[k] ends step k + 1
-    return {"step_seconds": float(statistics.median(step_times)), "first_loss": losses[0] if losses else None}
+    return {"step_seconds": float(statistics.median(step_times)), "losses": losses}
 
 
-def run_ours(model, tokens: np.ndarray, a, device, compile_: bool) -> dict:
+def run_ours(model, tokens: np.ndarray, a, micro: int, device, dist: Dist, compile_: bool) -> dict:
     stamps, losses = [], []
+    prof = None
+    if a.profile:  # CUDA kernel times over two steps after the warm-up
+        acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+        schedule = torch.profiler.schedule(wait=a.warmup, warmup=1, active=2, repeat=1)
+        prof = torch.profiler.profile(activities=acts, schedule=schedule)
+        prof.start()
 
     def log(metrics, step):  # train() synchronises every step (it reads the loss)
         stamps.append(time.perf_counter())
         losses.append(metrics["train_loss"])
+        if prof is not None:
+            prof.step()
 
     s = TrainSettings(
         seq_len=a.seq_len,
-        micro_batch=a.micro_batch,
+        micro_batch=micro,
         global_batch=a.global_batch,
         max_steps=a.warmup + a.steps,
         lr=1e-4,
@@ -120,25 +131,33 @@ def run_ours(model, tokens: np.ndarray, a, device, compile_: bool) -> dict:
         progress=False,
         peak_flops=a.peak_flops,
     )
-    train(model, tokens, tokens[: 10 * a.seq_len], s, device, log=log)
+    train(model, tokens, tokens[: 10 * a.seq_len], s, device, dist, log=log)
+    if prof is not None:
+        prof.stop()
+        print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=40, max_name_column_width=90))
+    if not dist.main:
+        return {}
     step_times = np.diff(stamps)[a.warmup - 1 :]
-    return {"step_seconds": float(statistics.median(step_times)), "first_loss": losses[0]}
+    return {"step_seconds": float(statistics.median(step_times)), "losses": losses}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--smoke", action="store_true", help="tiny model on CPU: checks the script runs")
-    p.add_argument("--variants", default="trainer,ours-eager,ours,ours-cla2")
+    p.add_argument(
+        "--variants", default="trainer,ours-eager,ours,ours-cla2", help="comma-separated; NAME@M runs micro batch M"
+    )
     p.add_argument("--seq-len", type=int, default=2048)
-    p.add_argument("--micro-batch", type=int, default=8)
+    p.add_argument("--micro-batch", type=int, default=16)
     p.add_argument("--global-batch", type=int, default=32)
     p.add_argument("--steps", type=int, default=10, help="timed optimizer steps")
     p.add_argument("--warmup", type=int, default=3, help="untimed optimizer steps first")
     p.add_argument("--peak-flops", type=float, default=989e12, help="per GPU; H100 SXM dense bf16")
+    p.add_argument("--profile", action="store_true", help="print our loop's top kernels (torch.profiler)")
     p.add_argument("--out", type=Path, help="folder for finetune_bench.json")
     a = p.parse_args()
     shape = SMOLLM2_135M
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dist, device = setup_distributed(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     if a.smoke:
         shape, device = TINY, torch.device("cpu")
         a.seq_len, a.micro_batch, a.global_batch, a.steps, a.warmup = 64, 2, 4, 2, 2
@@ -147,6 +166,7 @@ def main() -> None:
     assert len(tokens) >= need, f"raise the token count to {need}"
     env = {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
+        "gpus": dist.world,
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "cuda": torch.version.cuda,
@@ -155,52 +175,65 @@ def main() -> None:
     }
     rows = []
     for variant in a.variants.split(","):
-        model = build(shape, device, cla=2 if variant == "ours-cla2" else 1)
+        name, _, m = variant.partition("@")
+        micro = int(m) if m else a.micro_batch
+        if name == "trainer" and dist.world > 1:
+            continue  # under torchrun only our loop runs
+        torch._dynamo.reset()  # each variant compiles afresh, at its own shapes
+        model = build(shape, device, cla=2 if name == "ours-cla2" else 1)
         flops = flops_per_token(model, a.seq_len)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
         try:
-            if variant == "trainer":
-                r = run_trainer(model, tokens, a, device)
+            if name == "trainer":
+                r = run_trainer(model, tokens, a, micro, device)
             else:
-                compiled = variant in ("ours", "ours-cla2") and device.type == "cuda"
-                r = run_ours(model, tokens, a, device, compile_=compiled)
+                compiled = name in ("ours", "ours-cla2") and device.type == "cuda"
+                r = run_ours(model, tokens, a, micro, device, dist, compile_=compiled)
         except Exception as e:  # one failing variant must not cost the others' numbers
             print(f"{variant} failed: {type(e).__name__}: {e}", flush=True)
+            continue
+        finally:
+            del model
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        if not dist.main:
             continue
         tok_s = a.global_batch * a.seq_len / r["step_seconds"]
         rows.append(
             {
                 "variant": variant,
+                "micro_batch": micro,
                 "tokens_per_second": tok_s,
-                "mfu": tok_s * flops / a.peak_flops,
+                "mfu": tok_s / dist.world * flops / a.peak_flops,
                 "step_seconds": r["step_seconds"],
                 "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
-                "first_loss": r["first_loss"],
                 "wall_seconds": time.perf_counter() - t0,
                 "flops_per_token": flops,
+                "losses": r["losses"],
             }
         )
         print(json.dumps(rows[-1]), flush=True)
         if a.out:  # after every variant, so a run cut short keeps what it measured
             a.out.mkdir(parents=True, exist_ok=True)
-            (a.out / "finetune_bench.json").write_text(json.dumps({"env": env, "rows": rows}, indent=1) + "\n")
-        del model
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    base = next((r["tokens_per_second"] for r in rows if r["variant"] == "trainer"), None)
-    print(f"\n{env['device']}, torch {env['torch']}, transformers {env['transformers']}")
-    print(f"seq {a.seq_len}, micro {a.micro_batch}, global {a.global_batch}, peak {a.peak_flops:.3g} FLOP/s")
-    print("| variant | tokens/s | MFU | vs Trainer | step s | peak GiB | GFLOP/token | first loss |")
-    print("|---|---|---|---|---|---|---|---|")
+            name = f"finetune_bench{'_ddp' if dist.world > 1 else ''}.json"
+            (a.out / name).write_text(json.dumps({"env": env, "rows": rows}, indent=1) + "\n")
+    leave_distributed(dist)
+    if not dist.main:
+        return
+    base = next((r["tokens_per_second"] for r in rows if r["variant"].startswith("trainer")), None)
+    print(f"\n{env['device']} x {dist.world}, torch {env['torch']}, transformers {env['transformers']}")
+    print(f"seq {a.seq_len}, global batch {a.global_batch}, peak {a.peak_flops:.3g} FLOP/s per GPU")
+    print("| variant | micro | tokens/s | MFU | vs Trainer | step s | peak GiB | GFLOP/token | first loss |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         ratio = f"{r['tokens_per_second'] / base:.2f}x" if base else "-"
         mem = f"{r['peak_memory_gib']:.1f}" if r["peak_memory_gib"] is not None else "-"
         print(
-            f"| {r['variant']} | {r['tokens_per_second']:,.0f} | {r['mfu']:.1%} | {ratio} | "
-            f"{r['step_seconds']:.3f} | {mem} | {r['flops_per_token'] / 1e9:.3f} | {r['first_loss']:.3f} |"
+            f"| {r['variant']} | {r['micro_batch']} | {r['tokens_per_second']:,.0f} | {r['mfu']:.1%} | {ratio} | "
+            f"{r['step_seconds']:.3f} | {mem} | {r['flops_per_token'] / 1e9:.3f} | {r['losses'][0]:.3f} |"
         )
 
 

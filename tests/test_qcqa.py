@@ -174,3 +174,24 @@ def test_bad_input_is_one_line(call, named):
     with pytest.raises(KVShareError) as info:
         call(d)
     assert named in str(info.value) and "\n" not in str(info.value)
+
+
+def test_partition_operators_work_in_pymoos_own_mating():
+    """The custom operators are ordinary pymoo operators too (the default path batches them itself)."""
+    from pymoo.algorithms.moo.nsga2 import NSGA2
+    from pymoo.optimize import minimize
+
+    _, d = layer(12, seed=2)
+    problem = nsga.GroupingProblem(d, equal_sizes=True)
+    algo = NSGA2(
+        pop_size=20,
+        sampling=nsga.PartitionSampling(),
+        crossover=nsga.AlignedUniformCrossover(0.9),
+        mutation=nsga.PartitionMutation(1 / 12),
+        repair=nsga.BalanceRepair(),
+        eliminate_duplicates=nsga.PartitionDuplicates(canonical=True),
+    )
+    res = minimize(problem, algo, ("n_gen", 5), seed=1)
+    for row in res.pop.get("X").astype(int):
+        assert len(set(np.bincount(row))) == 1
+    assert np.isfinite(problem.best_f[[0, 1, 2, 3, 5, 11]]).all()

@@ -149,6 +149,7 @@ def test_output_proxy_equals_distances_of_outputs(root):
         (["search.proxy=activation"], "search.proxy='activation'"),
         (["search.proxy=output"], "search.calibration.data_dir"),
         (["search.nsga.operators=sbx"], "search.nsga.operators='sbx'"),
+        (["search.stage2_nsga.mutation_prob=2"], "search.stage2_nsga.mutation_prob=2"),
     ],
 )
 def test_bad_input(root, tmp_path, extra, named):

@@ -28,7 +28,15 @@ from kvshare.convert import SPEC, read_spec
 from kvshare.data import load_tokens
 from kvshare.errors import KVShareError
 from kvshare.models import load_model, resolve_device, save_model
-from kvshare.training import Dist, TrainResult, TrainSettings, clear_checkpoints, setup_distributed, train
+from kvshare.training import (
+    Dist,
+    TrainResult,
+    TrainSettings,
+    clear_checkpoints,
+    leave_distributed,
+    setup_distributed,
+    train,
+)
 
 
 def settings(section: str, node, cfg: DictConfig, device: torch.device) -> TrainSettings:
@@ -119,6 +127,7 @@ def run(cfg: DictConfig) -> dict:
                 extra[remote.name] = remote.read_text()
             save_model(model.to(torch.float32).cpu(), tok, f.out, extra)
             clear_checkpoints(s.resume_dir)
+    leave_distributed(dist)
     return {"heldout_loss_before": result.heldout_loss_before, "heldout_loss_after": result.heldout_loss_after}
 
 

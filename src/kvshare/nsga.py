@@ -69,18 +69,18 @@ class NSGASettings:
     crossover_prob: float = 0.9
     mutation_prob: float | None = None  # per head (stage 1) or per layer (stage 2); None: 1 / length
     seed_greedy: bool = True  # stage 1 ``partition``: start from the greedy solvers' groupings too
+    name: str = "search.nsga"  # the config section, for error messages
 
     def __post_init__(self) -> None:
         if self.operators not in OPERATORS:
-            raise KVShareError(f"search.nsga.operators={self.operators!r} is not known; use {' or '.join(OPERATORS)}")
+            raise KVShareError(f"{self.name}.operators={self.operators!r} is not known; use {' or '.join(OPERATORS)}")
         for key in ("pop_size", "generations"):
             if int(getattr(self, key)) < 1:
-                raise KVShareError(f"search.nsga.{key}={getattr(self, key)} must be at least 1")
-        if not 0 <= self.crossover_prob <= 1 or not (self.mutation_prob is None or 0 <= self.mutation_prob <= 1):
-            raise KVShareError(
-                f"search.nsga probabilities must lie in [0, 1] (crossover_prob={self.crossover_prob}, "
-                f"mutation_prob={self.mutation_prob})"
-            )
+                raise KVShareError(f"{self.name}.{key}={getattr(self, key)} must be at least 1")
+        for key in ("crossover_prob", "mutation_prob"):
+            p = getattr(self, key)
+            if p is not None and not 0 <= p <= 1:
+                raise KVShareError(f"{self.name}.{key}={p} is not a probability: use a value in [0, 1]")
 
 
 def divisors(n: int) -> np.ndarray:
@@ -588,7 +588,11 @@ def stage2_binary(
         ok = pop.get("G")[:, 0] <= 0
         bits.append(pop.get("X")[ok].astype(bool))
         objs.append(pop.get("F")[ok])
+    # every layer grouped is feasible whenever any choice is: a tight budget may leave the search none else
+    bits.append(np.ones((1, len(grouped)), dtype=bool))
+    objs.append(np.array([[grouped.sum(), errors.sum()]], dtype=float))
     x, f = np.concatenate(bits), np.concatenate(objs)
+    x, f = x[f[:, 0] <= max_heads], f[f[:, 0] <= max_heads]
     keep = nondominated(f)
     return x[keep], f[keep], evaluations
 

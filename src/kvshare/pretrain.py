@@ -44,7 +44,7 @@ from kvshare.finetune import log_summary, settings, tracked
 from kvshare.merge import plain_llama_kv_heads, to_plain_llama
 from kvshare.models import _train_tokenizer, resolve_device, save_model
 from kvshare.plan import ModelShape, Plan, cla_pattern
-from kvshare.training import barrier, clear_checkpoints, setup_distributed, train
+from kvshare.training import barrier, clear_checkpoints, leave_distributed, setup_distributed, train
 
 SIZE_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "max_position_embeddings")
 
@@ -104,7 +104,7 @@ def tokens_and_tokenizer(cfg: DictConfig, work: Path, dist) -> tuple:
         _train_tokenizer(train_docs, cfg.model.vocab_size).save_pretrained(tok_dir)
     barrier(dist)
     tok = AutoTokenizer.from_pretrained(tok_dir)
-    if dist.main and not (data_dir / "train.bin").exists():
+    if not p.data_dir and dist.main and not (data_dir / "train.bin").exists():
         tokenize_corpus(tok, documents(cfg.data), data_dir, cfg.tokenize.val_fraction)
     barrier(dist)
     return tok, data_dir
@@ -173,6 +173,7 @@ def run(cfg: DictConfig) -> dict:
                 extra["kvshare_base.json"] = json.dumps(record, indent=1) + "\n"
             save_model(model, tok, p.out, extra)
             clear_checkpoints(s.resume_dir)
+    leave_distributed(dist)
     return {
         "heldout_loss_before": result.heldout_loss_before,
         "heldout_loss_after": result.heldout_loss_after,

@@ -175,5 +175,5 @@ def rank_check(
             if (layer_of == li).sum() >= 3
         ]
         within = [w for w in within if np.isfinite(w)]
-        out[f"rho_within_{name}"] = float(np.mean(within)) if within else float("nan")
+        out[f"rho_within_{name}"] = float(np.mean(within)) if within else None  # JSON has no NaN
     return out

@@ -71,13 +71,18 @@ def random_partition(n: int, k: int, rng: np.random.Generator) -> tuple[int, ...
     return tuple(int(x) for x in labels[rng.permutation(n)])
 
 
-def nsga_settings(node) -> NSGASettings:
+def nsga_settings(node, name: str = "search.nsga") -> NSGASettings:
     d = OmegaConf.to_container(node, resolve=True)
-    return NSGASettings(**{k: v for k, v in d.items() if k in NSGASettings.__dataclass_fields__})
+    return NSGASettings(**{k: v for k, v in d.items() if k in NSGASettings.__dataclass_fields__}, name=name)
 
 
-def find_groups(within: str, dists: list[np.ndarray], max_heads: int, n: int, s: DictConfig) -> qcqa.SearchResult:
-    """Groupings of the K/V-storing layers using at most ``max_heads`` KV heads in all."""
+def find_groups(
+    within: str, dists: list[np.ndarray], max_heads: int, n: int, s: DictConfig, settings: tuple
+) -> qcqa.SearchResult:
+    """Groupings of the K/V-storing layers using at most ``max_heads`` KV heads in all.
+
+    ``settings``: the NSGA-II settings of stage 1 and stage 2.
+    """
     layers = len(dists)
     if max_heads < layers:
         raise KVShareError(
@@ -93,8 +98,8 @@ def find_groups(within: str, dists: list[np.ndarray], max_heads: int, n: int, s:
             solver=s.solver,
             stage2=s.stage2,
             groups=s.groups,
-            nsga_settings=nsga_settings(s.nsga),
-            stage2_settings=nsga_settings(s.stage2_nsga),
+            nsga_settings=settings[0],
+            stage2_settings=settings[1],
             progress=s.progress,
             workers=s.workers,
         )
@@ -167,6 +172,11 @@ def run(cfg: DictConfig) -> dict:
         raise KVShareError(f"search.budget={s.budget} must be a KV fraction in (0, 1]")
     if s.proxy not in PROXIES:
         raise KVShareError(f"search.proxy={s.proxy!r} is not known; use one of {', '.join(PROXIES)}")
+    if s.solver not in qcqa.SOLVERS:
+        raise KVShareError(f"search.solver={s.solver!r} is not known; use one of {', '.join(qcqa.SOLVERS)}")
+    if s.stage2 not in qcqa.STAGE2:
+        raise KVShareError(f"search.stage2={s.stage2!r} is not known; use one of {', '.join(qcqa.STAGE2)}")
+    settings = nsga_settings(s.nsga), nsga_settings(s.stage2_nsga, "search.stage2_nsga")
     check = int(s.proxy_check.candidates or 0)
     if (s.proxy == "output" or check) and not s.calibration.data_dir:
         raise KVShareError(
@@ -188,7 +198,7 @@ def run(cfg: DictConfig) -> dict:
             dists = proxy.output_dists(model, windows, c.batch_size)
         max_heads = int(np.floor(budget * shape.num_layers * shape.num_kv_heads + 1e-9))
         t_search = time.perf_counter()
-        result = find_groups(within, [dists[j] for j in producers], max_heads, shape.num_kv_heads, s)
+        result = find_groups(within, [dists[j] for j in producers], max_heads, shape.num_kv_heads, s, settings)
         search_seconds = time.perf_counter() - t_search
         by_producer = dict(zip(producers, result.groups, strict=True))
         info = result.info

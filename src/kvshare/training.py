@@ -296,6 +296,15 @@ def setup_distributed(device: torch.device) -> tuple[Dist, torch.device]:
     return d, device
 
 
+def leave_distributed(dist: Dist) -> None:
+    """Leave the process group (after the output is written), as torch expects before exit."""
+    if dist.world > 1:
+        import torch.distributed as tdist
+
+        tdist.barrier()
+        tdist.destroy_process_group()
+
+
 def _all_mean(x: torch.Tensor, dist: Dist) -> torch.Tensor:
     if dist.world > 1:
         import torch.distributed as tdist
@@ -354,6 +363,32 @@ def _set_rng_state(state: dict, device: torch.device) -> None:
 # --- the loop -------------------------------------------------------------------
 
 
+def _optimizer(model, s: TrainSettings, device: torch.device):
+    """AdamW (weight decay on matrices only) and its warmup + cosine schedule over ``s.steps``."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": s.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=s.lr,
+        betas=s.betas,
+        fused=device.type == "cuda",
+    )
+    total, warmup = s.steps, max(1, int(s.warmup_fraction * s.steps))
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda i: lr_at(i, total, warmup, s.min_lr_fraction))
+
+
+def _compile(model) -> None:
+    if getattr(model, "shares_across_layers", False):
+        # Each layer reads its own slot of the K/V-passing cache, so per-layer graphs cannot be
+        # shared (one guarded recompile per layer, slow to dispatch): compile the decoder whole.
+        model.model.compile()
+    else:
+        # Regional: all layers share one compiled graph, so compiling takes seconds; it also ran
+        # faster than compiling the decoder whole (benchmarks/results/finetune_bench.md).
+        for layer in model.model.layers:
+            layer.compile()
+
+
 @dataclass
 class TrainResult:
     steps: int
@@ -402,16 +437,7 @@ def train(
     def autocast():
         return torch.autocast(device.type, dtype=torch.bfloat16, enabled=s.bf16)
 
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": s.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=s.lr,
-        betas=s.betas,
-        fused=device.type == "cuda",
-    )
-    warmup = max(1, int(s.warmup_fraction * total))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: lr_at(i, total, warmup, s.min_lr_fraction))
+    opt, sched = _optimizer(model, s, device)
 
     # Everything a resumed run must share with the original for its losses to continue exactly.
     keys = ("seq_len", "global_batch", "lr", "min_lr_fraction", "warmup_fraction", "weight_decay", "betas")
@@ -436,12 +462,8 @@ def train(
         start, tokens_seen, history = state["step"], state["tokens"], state["history"]
 
     if s.compile:
-        # Regional compilation: the decoder layers share one compiled graph, so compiling is quick.
-        for layer in model.model.layers:
-            layer.compile()
-        if teacher is not None:
-            for layer in teacher.model.layers:
-                layer.compile()
+        for net in (model, teacher) if teacher is not None else (model,):
+            _compile(net)
     objective = _Objective(model, s, autocast)
     ddp = objective
     if dist.world > 1:
@@ -481,6 +503,7 @@ def train(
     for step in range(start, total):
         batch = windows.batch(step * s.global_batch + dist.rank * per_rank, per_rank)
         loss_sum = ce_sum = kl_sum = torch.zeros((), device=device)
+        lr = sched.get_last_lr()[0]
         try:
             for m in range(accum):
                 mb = batch[m * s.micro_batch : (m + 1) * s.micro_batch].to(device, non_blocking=True)
@@ -490,20 +513,19 @@ def train(
                     (loss / accum).backward()
                 loss_sum, ce_sum, kl_sum = loss_sum + loss.detach(), ce_sum + ce, kl_sum + kl
             norm = torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip)
+            stats = _all_mean(torch.stack([loss_sum, ce_sum, kl_sum]) / accum, dist).tolist()
+            if not (math.isfinite(stats[0]) and math.isfinite(norm.item())):
+                where = f"the last good checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was written yet"
+                raise KVShareError(
+                    f"{s.section}: loss {stats[0]:.4g}, gradient norm {norm.item():.4g} at step {step + 1}; stopped "
+                    f"before updating ({where}): lower {s.section}.lr={s.lr} or raise warmup_fraction, then rerun"
+                )
+            opt.step()  # inside: the first step allocates AdamW's state
         except torch.OutOfMemoryError:
             raise KVShareError(
                 f"CUDA ran out of memory at {s.section}.micro_batch={s.micro_batch}, seq_len={s.seq_len}: "
                 f"lower micro_batch (global_batch={s.global_batch} is kept by accumulating gradients) or seq_len"
             ) from None
-        stats = _all_mean(torch.stack([loss_sum, ce_sum, kl_sum]) / accum, dist).tolist()
-        if not (math.isfinite(stats[0]) and math.isfinite(norm.item())):
-            where = f"the last good checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was written yet"
-            raise KVShareError(
-                f"{s.section}: loss {stats[0]:.4g}, gradient norm {norm.item():.4g} at step {step + 1}; stopped "
-                f"before updating ({where}): lower {s.section}.lr={s.lr} or raise warmup_fraction, then rerun"
-            )
-        lr = sched.get_last_lr()[0]
-        opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
         tokens_seen += s.global_batch * s.seq_len
@@ -525,7 +547,7 @@ def train(
         done = step + 1
         if s.eval_interval and done % s.eval_interval == 0 and done < total:
             metrics["heldout_loss"] = evaluate()
-            t_last = time.perf_counter()  # nor is evaluation time
+            t_last = time.perf_counter()  # evaluation time is not training throughput
         if s.checkpoint_interval and done % s.checkpoint_interval == 0 and s.resume_dir is not None:
             state = {
                 "model": model.state_dict(),
@@ -540,7 +562,7 @@ def train(
             if dist.main:
                 last_ckpt = _save_checkpoint(Path(s.resume_dir), done, state, s.keep_checkpoints)
             barrier(dist)
-            t_last = time.perf_counter()  # checkpoint time is not training throughput
+            t_last = time.perf_counter()  # nor is checkpoint time
         if dist.main:
             bar.set_postfix(loss=f"{stats[0]:.3f}", tok_s=f"{rate:,.0f}", mfu=f"{metrics['mfu']:.1%}", refresh=False)
             bar.update()
