@@ -122,8 +122,11 @@ class Windows:
         return torch.from_numpy(np.stack(rows).astype(np.int64))
 
 
-def heldout_windows(tokens: np.ndarray, seq_len: int, n: int) -> torch.Tensor:
+def heldout_windows(tokens: np.ndarray, seq_len: int, n: int) -> torch.Tensor | None:
+    """The first ``n`` non-overlapping windows of the held-out split (None if it holds none)."""
     n = min(n, (len(tokens) - 1) // seq_len)
+    if n < 1:
+        return None
     return torch.from_numpy(np.stack([tokens[w * seq_len : (w + 1) * seq_len + 1] for w in range(n)]).astype(np.int64))
 
 
@@ -473,7 +476,7 @@ def train(
 
     @torch.no_grad()
     def evaluate() -> float | None:
-        if heldout is None or len(heldout) == 0:
+        if heldout is None:
             return None
         model.eval()
         total_loss = 0.0

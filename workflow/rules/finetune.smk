@@ -3,7 +3,7 @@ rule finetune:
     input:
         checkpoint=f"{RESULTS}/checkpoints/{{model}}/{{method}}/{{budget}}/converted",
         data=f"resources/data/{{model}}/{DATA}",
-        code=code("finetune", "modeling", "data", "models"),
+        code=code("finetune", "training", "modeling", "data", "models"),
     output:
         directory(f"{RESULTS}/checkpoints/{{model}}/{{method}}/{{budget}}/finetuned"),
     params:

@@ -2,7 +2,7 @@ rule search:
     """Choose which KV heads merge (and which layers share K/V) within the budget: a plan JSON."""
     input:
         model="resources/models/{model}",
-        code=code("search", "qcqa", "wse", "plan", "models"),
+        code=code("search", "qcqa", "nsga", "exact", "proxy", "wse", "plan", "models"),
     output:
         f"{RESULTS}/plans/{{model}}/{{method}}/{{budget}}.json",
     params:
@@ -11,6 +11,7 @@ rule search:
         "../../environment.yml"
     log:
         f"{LOGS}/search/{{model}}_{{method}}_{{budget}}.log",
+    threads: 2  # search.workers: layers are searched in parallel processes
     benchmark:
         f"{LOGS}/benchmarks/search/{{model}}_{{method}}_{{budget}}.tsv"
     shell:
