@@ -271,6 +271,12 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--cap-gib", type=float, default=16.0, help="memory cap for the max-batch runs")
     ap.add_argument("--chunk", type=int, default=256, help="prefill chunk in the max-batch runs")
+    ap.add_argument("--maxbatch-step", type=float, default=0.05, help="relative batch step of the max-batch search")
+    ap.add_argument("--maxbatch-tries", type=int, default=6, help="runs per variant in the max-batch search")
+    ap.add_argument(
+        "--maxbatch-plan",
+        help="run only these max-batch variants, starting from these batches: 'shape:variant=B;shape:variant=B'",
+    )
     ap.add_argument("--budget-s", type=float, default=1e9, help="skip what would start after this many seconds")
     ap.add_argument("--shapes", default="smollm2-135m,mha-12l")
     ap.add_argument("--only", choices=["throughput", "maxbatch"], help="run one phase (maxbatch: gather rows too)")
@@ -312,6 +318,11 @@ def main() -> None:
         return False
 
     batches = [int(b) for b in args.batches.split(",")]
+    start_batch = {}
+    for item in filter(None, (args.maxbatch_plan or "").split(";")):
+        key, _, value = item.rpartition("=")
+        shape_name, _, variant = key.partition(":")
+        start_batch[(shape_name, variant)] = int(value)
     bases: dict = {}
     main_variants = {s: list(variants(s, ModelShape.of(llama_config(dims_of[s]))).keys()) for s in data["shapes"]}
     extra = {s: [v for v in main_variants[s] if "gather" in v] + ["llama (HF)"] for s in main_variants}
@@ -353,25 +364,39 @@ def main() -> None:
             # cache + one layer's copy while the dynamic cache grows + a chunk's activations (rough)
             per_seq = kv_seq * (1 + 1 / plan.shape.num_layers) + args.chunk * model.config.intermediate_size * 2 * 4
             b = int(0.97 * (cap - weights - 2**28) / per_seq)
+            b = start_batch.get((shape_name, variant), b)
             torch.cuda.set_per_process_memory_fraction(cap / total, device)
         else:
             cap, weights, b = None, 0, batches[-1]
-        run = None
+        run, ran_b, oom_b = None, None, None
         try:
-            for _ in range(5):
+            # Bracket the largest batch by measurement: shrink by --maxbatch-step on OOM until one runs; after a
+            # first-try success, grow by the same step until one fails. ran_b ran, oom_b (the smallest failure
+            # above it) did not: the true limit lies in [ran_b, oom_b).
+            for _ in range(args.maxbatch_tries):
                 try:
-                    run = one_run(model, device, b, args.prompt, args.maxbatch_new, chunk=args.chunk)
+                    got = one_run(model, device, b, args.prompt, args.maxbatch_new, chunk=args.chunk)
                 except torch.OutOfMemoryError:
-                    pass
-                rec["tries"].append({"batch": b, "ok": run is not None})
-                if run is not None:
-                    break
+                    got = None
+                rec["tries"].append({"batch": b, "ok": got is not None})
+                print("  try", shape_name, variant, b, "ok" if got else "OOM", flush=True)
                 free(device)  # outside the handler, so the failed call's frames are gone
-                b = int(b * 0.95)
+                if got is not None:
+                    run, ran_b = got, b
+                    if cap is None or oom_b is not None or time.perf_counter() - start > args.budget_s:
+                        break
+                    b = max(b + 1, int(b * (1 + args.maxbatch_step)))
+                else:
+                    oom_b = b if oom_b is None else min(oom_b, b)
+                    if ran_b is not None:
+                        break
+                    b = int(b * (1 - args.maxbatch_step))
         finally:
             if device.type == "cuda":
                 torch.cuda.set_per_process_memory_fraction(1.0, device)
+        b = ran_b
         rec.update(cap_bytes=cap, weights_bytes=weights, kv_bytes_per_seq=kv_seq, run=run)
+        rec.update(max_batch_ran=ran_b, min_batch_oom=oom_b)
         if run and cap:
             per_seq_meas = run["peak_over_weights"] / b
             rec["max_batch_extrapolated"] = int((cap - weights) / per_seq_meas)
@@ -398,10 +423,16 @@ def main() -> None:
             for v in main_variants[s]:
                 guarded(throughput, s, v)
     if args.only != "throughput":
-        for s in data["shapes"]:
-            gather = [v for v in extra[s] if "gather" in v] if args.only == "maxbatch" else []
-            for v in main_variants[s] + gather:
+        if start_batch:  # only the listed variants, in the order given
+            for s, v in start_batch:
                 guarded(maxbatch, s, v)
+        for s in data["shapes"] if not start_batch else []:
+            for v in main_variants[s]:
+                guarded(maxbatch, s, v)
+        if args.only == "maxbatch" and not start_batch:  # gather rows last, so the budget skips them first
+            for s in data["shapes"]:
+                for v in [v for v in extra[s] if "gather" in v]:
+                    guarded(maxbatch, s, v)
     if args.only is None:
         for s in data["shapes"]:
             for v in extra[s]:
@@ -545,18 +576,22 @@ def report(data: dict) -> str:
             cells.append(f"{x['decode_tok_s'] / y['decode_tok_s']:.3f}" if ok else "")
         lines.append(f"| {shape} | {a} | {b} | " + " | ".join(cells) + " |")
     if data["maxbatch"]:
-        mb = data["maxbatch"][0]
+        mst = data.get("maxbatch_settings", st)
         lines += [
             "",
-            f"## Largest batch under a {st['cap_gib']:g} GiB cap (prompt {st['prompt']} prefilled in chunks of "
-            f"{st['chunk']}, + {st['maxbatch_new']} new tokens)",
+            f"## Largest batch under a {mst['cap_gib']:g} GiB cap, measured (prompt {mst['prompt']} prefilled in "
+            f"chunks of {mst['chunk']}, + {mst['maxbatch_new']} new tokens)",
             "",
-            "Ran: the batch that ran under the cap (tries: batches that hit OOM first). Max batch: "
-            "(cap − weights) / measured peak per sequence. Ratio vs base against 1 / KV fraction.",
+            "Cap: torch.cuda.set_per_process_memory_fraction(cap / GPU memory); the cap covers the weights too. "
+            "Largest B ran: the largest batch whose whole run (chunked prefill + generate) finished under the cap; "
+            "first OOM: the smallest batch above it that ran out of memory (the limit lies between the two; tries in "
+            f"steps of {mst.get('maxbatch_step', 0.05):g}). × base: largest B ran over base's, against 1 / KV fraction. "
+            "Extrapolated: (cap − weights) / measured peak per sequence of the largest run. Unchunked: the same "
+            "from the plain-generate throughput peaks (B=64 and 256, 64 new tokens), for comparison.",
             "",
-            "| shape | variant | KV fraction | ran B (tries) | peak GiB | max batch | × base | 1/KV frac "
-            "| decode tok/s at ran B | step ms | max batch, unchunked prefill | × base |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "| shape | variant | KV fraction | 1/KV frac | largest B ran | first OOM B | × base | peak GiB (incl. weights) "
+            "| extrapolated max B | × base | decode tok/s at largest B | step ms | unchunked max B (extrap.) | × base |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         # Unchunked prefill (plain generate): per-sequence peak from the two largest throughput batches.
         unchunked = {}
@@ -567,29 +602,33 @@ def report(data: dict) -> str:
                 b1, b2 = ok[-2], ok[-1]
                 slope = (by_b[b2]["peak_over_weights"] - by_b[b1]["peak_over_weights"]) / (b2 - b1)
                 unchunked[(r["shape"], r["variant"])] = int((r["cap_bytes"] - r["weights_bytes"]) / slope)
-        base_max = {r["shape"]: r.get("max_batch_extrapolated") for r in data["maxbatch"] if r["variant"] == "base"}
-        base_un = {s: unchunked.get((s, "base")) for s in base_max}
+        base = {r["shape"]: r for r in data["maxbatch"] if r["variant"] == "base"}
+
+        def ratio(x, y):
+            return f"{x / y:.2f}" if x and y else ""
+
         for r in data["maxbatch"]:
-            run = r.get("run") or {}
-            tries = ",".join(str(t["batch"]) for t in r["tries"] if not t["ok"])
-            ran = f"{run.get('batch', 'none')}" + (f" (OOM at {tries})" if tries else "")
-            m, bm = r.get("max_batch_extrapolated"), base_max.get(r["shape"])
-            lines.append(
-                f"| {r['shape']} | {r['variant']} | {r['kv_fraction']:.3f} | {ran} | "
-                + (f"{(run.get('peak_over_weights', 0) + r['weights_bytes']) / gib:.2f}" if run else "")
-                + f" | {m or ''} | "
-                + (f"{m / bm:.2f}" if m and bm else "")
-                + f" | {1 / r['kv_fraction']:.2f} | "
-                + (f"{run['decode_tok_s']:.0f} | {run['step_ms_median']:.2f}" if run else " | ")
-                + f" | {unchunked.get((r['shape'], r['variant']), '')} | "
-                + (
-                    f"{unchunked[(r['shape'], r['variant'])] / base_un[r['shape']]:.2f}"
-                    if (r["shape"], r["variant"]) in unchunked and base_un.get(r["shape"])
-                    else ""
-                )
-                + " |"
-            )
-        del mb
+            run, b0 = r.get("run") or {}, base.get(r["shape"], {})
+            ran = r.get("max_batch_ran", run.get("batch"))
+            m = r.get("max_batch_extrapolated")
+            un = unchunked.get((r["shape"], r["variant"]))
+            cells = [
+                r["shape"],
+                r["variant"],
+                f"{r['kv_fraction']:.3f}",
+                f"{1 / r['kv_fraction']:.2f}",
+                str(ran or "none"),
+                str(r.get("min_batch_oom") or "not reached"),
+                ratio(ran, b0.get("max_batch_ran")),
+                f"{(run['peak_over_weights'] + r['weights_bytes']) / gib:.2f}" if "peak_over_weights" in run else "",
+                str(m or ""),
+                ratio(m, b0.get("max_batch_extrapolated")),
+                f"{run['decode_tok_s']:.0f}" if run else "",
+                f"{run['step_ms_median']:.2f}" if run else "",
+                str(un or ""),
+                ratio(un, unchunked.get((r["shape"], "base"))),
+            ]
+            lines.append("| " + " | ".join(cells) + " |")
     lines += extrapolated_max_batch(data, rows, batches)
     lines += [
         "",

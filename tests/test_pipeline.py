@@ -1,25 +1,41 @@
 """The real Snakemake DAG end to end on a tiny model, in a temporary folder."""
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import mlflow
 import pytest
 
+from kvshare.tracking import runs_frame
+
 REPO = Path(__file__).resolve().parents[1]
-SNAKEMAKE = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--cores", "2", "--resources", "gpu=2"]
-CONFIG = ["--configfile", str(REPO / "workflow" / "config" / "tiny.yaml")]
 STAGES = ("prepare_model", "tokenize", "evaldata", "search", "convert", "finetune", "evaluate", "pareto")
 
 pytestmark = pytest.mark.slow
 
 
-def snakemake(workdir, *args, check=True):
-    proc = subprocess.run([*SNAKEMAKE, "-d", str(workdir), *CONFIG, *args], capture_output=True, text=True)
+@pytest.fixture(scope="module")
+def workflow_copy(tmp_path_factory):
+    """The workflow's files in a temp folder, so a test can edit a stage's code without touching the repo."""
+    root = tmp_path_factory.mktemp("repo")
+    for name in ("Snakefile", "environment.yml"):
+        shutil.copy(REPO / name, root)
+    for folder in ("workflow", "conf", "src"):
+        shutil.copytree(REPO / folder, root / folder, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    return root
+
+
+def snakemake(workflow, workdir, *args, check=True, wait=True):
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(workflow / "Snakefile"), "-d", str(workdir), "--cores", "2"]
+    cmd += ["--resources", "gpu=2", "--configfile", str(workflow / "workflow" / "config" / "tiny.yaml"), *args]
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    if not wait:
+        return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if check and proc.returncode:
         logs = "\n".join(p.read_text()[-2000:] for p in Path(workdir, "logs").rglob("*.log"))
         raise AssertionError(proc.stderr[-3000:] + logs)
@@ -27,27 +43,23 @@ def snakemake(workdir, *args, check=True):
 
 
 @pytest.fixture(scope="module")
-def done(tmp_path_factory):
+def done(workflow_copy, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("dag")
-    env_before = os.environ.pop("MLFLOW_TRACKING_URI", None)
-    snakemake(workdir)
-    yield workdir
-    if env_before:
-        os.environ["MLFLOW_TRACKING_URI"] = env_before
+    snakemake(workflow_copy, workdir)
+    return workdir
 
 
-def test_dry_run_lists_every_stage(tmp_path):
-    out = snakemake(tmp_path, "-n").stdout
+def test_dry_run_lists_every_stage(workflow_copy, tmp_path):
+    out = snakemake(workflow_copy, tmp_path, "-n").stdout
     for stage in STAGES:
         assert f"rule {stage}:" in out
 
 
 def test_dag_leaves_pareto_table_plot_and_a_run_per_job(done):
     results = done / "results" / "tiny"
-    for name in ("pareto.csv", "pareto.md", "pareto_perplexity.png", "pareto_accuracy.png"):
+    for name in ("pareto.csv", "pareto.md", "comparisons.md", "pareto_perplexity.png", "pareto_accuracy.png"):
         assert (results / name).stat().st_size > 0
-    mlflow.set_tracking_uri(f"sqlite:///{done}/mlflow.db")
-    runs = mlflow.search_runs(experiment_names=["tiny"])
+    runs = runs_frame(f"sqlite:///{done}/mlflow.db", experiment="tiny")
     assert (runs.status == "FINISHED").all()
     assert runs["tags.kvshare.invocation"].nunique() == 1
     counts = runs["tags.kvshare.stage"].value_counts().to_dict()
@@ -56,31 +68,36 @@ def test_dag_leaves_pareto_table_plot_and_a_run_per_job(done):
         "prepare": 1,
         "tokenize": 1,
         "evaldata": 1,
-        "search": 4,
-        "convert": 4,
-        "finetune": 4,
-        "evaluate": 8,
+        "search": variants,
+        "convert": variants,
+        "finetune": variants,
+        "evaluate": 2 * variants,
         "pareto": 1,
     }
     assert runs["params.study"].eq("tiny").all()
     evaluated = runs[runs["tags.kvshare.stage"] == "evaluate"]
-    assert evaluated["metrics.perplexity"].notna().all() and len(evaluated) == 2 * variants
+    assert evaluated["metrics.perplexity"].notna().all()
     assert evaluated["metrics.zeroshot_avg"].between(0, 1).all() and evaluated["metrics.n_piqa"].eq(8).all()
     assert set(evaluated["tags.kvshare.method"]) == {"base", "gqa", "qcqa-ac", "cla2"}
+    assert evaluated["tags.kvshare.input_runs"].str.count(",").ge(1).all()  # search, convert (, finetune) ids
     lines = (results / "pareto.csv").read_text().splitlines()
     assert len(lines) == 1 + 2 * variants
 
 
-def test_editing_a_stage_reruns_it(done):
-    # A code file newer than the stage's output is what an edit looks like to Snakemake.
-    old = time.time() - 3600
-    os.utime(done / "results" / "tiny" / "pareto.csv", (old, old))
-    out = snakemake(done, "-n").stdout
+def test_editing_a_stage_reruns_it(workflow_copy, done):
+    assert "Nothing to be done" in snakemake(workflow_copy, done, "-n").stdout
+    code = workflow_copy / "src" / "kvshare" / "pareto.py"
+    original = code.read_text()
+    code.write_text(original + "\n# an edit\n")
+    try:
+        out = snakemake(workflow_copy, done, "-n").stdout
+    finally:
+        code.write_text(original)
     assert "rule pareto:" in out and "rule evaluate:" not in out
 
 
 def kill_matching(fragment: str) -> int:
-    """SIGKILL every process whose command line contains ``fragment`` (as the OOM killer would); how many."""
+    """SIGKILL every finetune process whose command line contains ``fragment`` (as the OOM killer would)."""
     killed = 0
     for proc in Path("/proc").iterdir():
         try:
@@ -93,21 +110,22 @@ def kill_matching(fragment: str) -> int:
     return killed
 
 
-def test_killed_job_is_redone_and_nothing_earlier_is_lost(done):
+def test_killed_job_is_redone_and_nothing_earlier_is_lost(workflow_copy, done):
     ckpts = done / "results" / "tiny" / "checkpoints" / "tiny" / "gqa" / "0.5"
     plan = done / "results" / "tiny" / "plans" / "tiny" / "gqa" / "0.5.json"
     before = {p: p.stat().st_mtime for p in (plan, ckpts / "converted" / "model.safetensors")}
-    subprocess.run(["rm", "-r", str(ckpts / "finetuned")], check=True)
-    proc = subprocess.Popen(
-        [*SNAKEMAKE, "-d", str(done), *CONFIG], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    deadline, killed = time.time() + 120, 0
+    # Remove a finetuned checkpoint and what was made from it, so the next run must make it again.
+    shutil.rmtree(ckpts / "finetuned")
+    (done / "results" / "tiny" / "metrics" / "tiny" / "gqa" / "0.5" / "finetuned.json").unlink()
+    (done / "results" / "tiny" / "pareto.csv").unlink()
+    proc = snakemake(workflow_copy, done, wait=False)
+    deadline, killed = time.time() + 300, 0
     while not killed and time.time() < deadline and proc.poll() is None:
         time.sleep(0.5)
         killed = kill_matching("finetune.out=results/tiny/checkpoints/tiny/gqa/0.5/finetuned")
     assert killed, "the finetune job never started"
     assert proc.wait() != 0  # Snakemake saw the job die
     assert not (ckpts / "finetuned").exists()  # nothing half-written
-    snakemake(done)
+    snakemake(workflow_copy, done)
     assert (ckpts / "finetuned" / "model.safetensors").exists()
     assert {p: p.stat().st_mtime for p in before} == before

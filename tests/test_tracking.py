@@ -5,6 +5,8 @@ import sys
 
 import mlflow
 
+from kvshare.tracking import runs_frame
+
 JOB = """
 import sys
 from hydra import compose, initialize_config_dir
@@ -26,11 +28,11 @@ def test_eight_parallel_jobs_on_a_fresh_store_all_land(tmp_path):
     ]
     errors = [p.communicate()[1] for p in procs]
     assert all(p.returncode == 0 for p in procs), errors
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
-    runs = mlflow.search_runs(experiment_names=["parallel"])
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    runs = runs_frame(uri, experiment="parallel")
     assert len(runs) == 8
     assert set(runs["tags.kvshare.method"]) == {f"job{i}" for i in range(8)}
     assert (runs["status"] == "FINISHED").all() and (runs["metrics.done"] == 1.0).all()
     assert "params.finetune.lr" in runs.columns  # the resolved config is logged as params
-    client = mlflow.tracking.MlflowClient()
+    client = mlflow.tracking.MlflowClient(uri)
     assert all(len(client.get_metric_history(r, "x")) == 5 for r in runs.run_id)

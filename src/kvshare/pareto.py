@@ -25,7 +25,7 @@ from kvshare.comparisons import report
 from kvshare.errors import KVShareError
 from kvshare.fronts import front_table
 from kvshare.io import atomic_path, atomic_write_text
-from kvshare.tracking import stage_run, store_lock, tracking_uri
+from kvshare.tracking import runs_frame, stage_run, tracking_uri
 
 COLUMNS = {
     "tags.kvshare.model": "model",
@@ -44,12 +44,8 @@ COLUMNS = {
 
 
 def read_runs(uri: str, run_ids: list[str]) -> pd.DataFrame:
-    import mlflow
-
     quoted = ", ".join(f"'{r}'" for r in run_ids)
-    with store_lock(uri):
-        mlflow.set_tracking_uri(uri)
-        df = mlflow.search_runs(search_all_experiments=True, filter_string=f"attributes.run_id IN ({quoted})")
+    df = runs_frame(uri, f"attributes.run_id IN ({quoted})")
     missing = set(run_ids) - set(df.get("run_id", []))
     if missing:
         raise KVShareError(

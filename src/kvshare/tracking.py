@@ -151,6 +151,35 @@ class StageRun:
             self.log_artifact(p)
 
 
+def runs_frame(uri: str, filter_string: str = "", experiment: str | None = None):
+    """Runs of one experiment (or all) as a DataFrame: ``run_id``, ``status``, ``tags.*``, ``params.*``, ``metrics.*``.
+
+    Uses a client bound to ``uri``: ``mlflow.set_tracking_uri`` would also change the
+    process environment that child jobs inherit.
+    """
+    import pandas as pd
+
+    with store_lock(uri):
+        client = _client(uri)
+        if experiment is None:
+            ids = [e.experiment_id for e in client.search_experiments()]
+        else:
+            found = client.get_experiment_by_name(experiment)
+            ids = [found.experiment_id] if found else []
+        runs = client.search_runs(ids, filter_string, max_results=50000) if ids else []
+    rows = [
+        {
+            "run_id": r.info.run_id,
+            "status": r.info.status,
+            **{f"tags.{k}": v for k, v in r.data.tags.items()},
+            **{f"params.{k}": v for k, v in r.data.params.items()},
+            **{f"metrics.{k}": v for k, v in r.data.metrics.items()},
+        }
+        for r in runs
+    ]
+    return pd.DataFrame(rows, columns=None if rows else ["run_id", "status"])
+
+
 def tracking_uri(cfg: DictConfig) -> str:
     uri = os.environ.get("MLFLOW_TRACKING_URI") or cfg.mlflow.tracking_uri
     if not uri:
