@@ -585,7 +585,7 @@ def report(data: dict) -> str:
             "Cap: torch.cuda.set_per_process_memory_fraction(cap / GPU memory); the cap covers the weights too. "
             "Largest B ran: the largest batch whose whole run (chunked prefill + generate) finished under the cap; "
             "first OOM: the smallest batch above it that ran out of memory (the limit lies between the two; tries in "
-            f"steps of {mst.get('maxbatch_step', 0.05):g}). × base: largest B ran over base's, against 1 / KV fraction. "
+            f"steps of {mst.get('maxbatch_step', 0.05)}). × base: largest B ran over base's, against 1 / KV fraction. "
             "Extrapolated: (cap − weights) / measured peak per sequence of the largest run. Unchunked: the same "
             "from the plain-generate throughput peaks (B=64 and 256, 64 new tokens), for comparison.",
             "",

@@ -222,6 +222,22 @@ def report(data: dict) -> str:
         + ".",
         "",
     ]
+    if data.get("other_runs"):
+        tasks = list(data["tasks"])
+        lines += [
+            "## Same suite, other runs (seconds per task)",
+            "",
+            "| batch size | " + " | ".join(tasks) + " | suite | model load | whole script |",
+            "|" + "---|" * (len(tasks) + 4),
+        ]
+        for run in [data, *data["other_runs"]]:
+            secs = [f"{run['tasks'][t]['seconds']:.1f}" if t in run["tasks"] else "" for t in tasks]
+            lines.append(
+                f"| {run['settings']['batch_size']} | "
+                + " | ".join(secs)
+                + f" | {run.get('suite_s', 0):.1f} | {run['load_s']:.1f} | {run.get('elapsed_s', 0):.1f} |"
+            )
+        lines.append("")
     return "\n".join(lines)
 
 

@@ -44,6 +44,7 @@ from pathlib import Path
 
 import datasets
 import pyarrow as pa
+import torch
 import yaml
 
 from kvshare.errors import KVShareError
@@ -198,7 +199,8 @@ def run_zeroshot(
 
     if device is not None:
         model.to(device)
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    # Log-softmax in float32: in a bf16 model's own dtype, close choices' log-likelihoods can tie or swap.
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, softmax_dtype=torch.float32)
     manager = TaskManager(include_path=str(TASKS_DIR), include_defaults=False, metadata={"data_dir": str(data_dir)})
     # Only lambada's perplexity stderr is bootstrapped (accuracies have a closed form); lm-eval's default of 1e5
     # resamples takes minutes on 5k items and forks a worker pool from a process that may hold CUDA.
