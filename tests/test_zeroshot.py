@@ -96,6 +96,12 @@ def test_unknown_task_is_named(tiny_lm, tmp_path):
         run_zeroshot(model, tokenizer, ["piqa", "hellaswog"], tmp_path)
 
 
+def test_hub_task_names_are_checked_against_lm_evals_registry(tiny_lm, tmp_path):
+    model, tokenizer = tiny_lm
+    with pytest.raises(KVShareError, match="lm-eval has no task 'hellaswog'"):
+        run_zeroshot(model, tokenizer, ["hub:hellaswog"], tmp_path)
+
+
 def test_missing_data_says_how_to_fetch(tiny_lm, tmp_path):
     model, tokenizer = tiny_lm
     with pytest.raises(KVShareError, match="fetch_eval_data"):

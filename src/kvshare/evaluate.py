@@ -52,7 +52,7 @@ def zeroshot_metrics(model, tokenizer, e: DictConfig, device) -> dict:
         device=str(device),
     )
     flat = {f"{metric}_{task}": value for task, per in scores.items() for metric, value in per.items()}
-    flat["zeroshot_avg"] = sum(scores[t][PRIMARY.get(t, "acc")] for t in scores) / len(scores)
+    flat["zeroshot_avg"] = sum(scores[t][PRIMARY.get(t.removeprefix("hub_"), "acc")] for t in scores) / len(scores)
     return flat
 
 

