@@ -106,3 +106,14 @@ def test_evaluate_needs_a_kvshare_checkpoint(model_dir, tmp_path, monkeypatch, c
         f"evaluate.out={out}",
     )
     assert "kvshare_spec.json" in err and not out.exists()
+
+
+def test_pareto_with_runs_missing_from_the_store(tmp_path, monkeypatch, capsys):
+    from kvshare import pareto
+
+    metrics = tmp_path / "m.json"
+    metrics.write_text(json.dumps({"runs": {"evaluate": "0123456789abcdef"}}))
+    out = tmp_path / "out"
+    err = run_stage(pareto, monkeypatch, capsys, tmp_path, f"pareto.metrics=[{metrics}]", f"pareto.out_dir={out}")
+    assert "0123456789abcdef" in err and "not in the MLflow store" in err
+    assert not (out / "pareto.csv").exists()
