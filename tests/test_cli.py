@@ -40,6 +40,8 @@ def run_stage(stage, monkeypatch, capsys, tmp_path, *args):
         (["search.method=gqa", "search.budget=0.01"], "raise search.budget"),
         (["search.method=gqa", "search.budgt=0.5"], "search.budgt"),
         (["search.method=gqa", "model=nosuch"], "model/nosuch"),
+        (["search.method=base", "search.cla_layers=[0,1,0]"], "CLA pattern has 3 entries but the model has 2"),
+        (["search.method=base", "search.cla_layers=[1,1]"], "layer 0 uses the K/V of layer 1"),
     ],
 )
 def test_search_bad_input(args, named, model_dir, tmp_path, monkeypatch, capsys):

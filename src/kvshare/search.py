@@ -11,7 +11,8 @@ Methods (``search.method``), alone or as ``<within>+cla<k>``:
 - ``qcqa-ac`` / ``qcqa-ec``: groupings searched by weight-sharing error, with
   any / equal group sizes, and a choice of which layers stay ungrouped
   (:mod:`kvshare.qcqa`; solvers and proxies are set under ``search:`` in conf);
-- ``cla<k>``: every k adjacent layers share the first one's K/V (CLA).
+- ``cla<k>``: every k adjacent layers share the first one's K/V (CLA); any other
+  sharing pattern is ``search.cla_layers=[0,0,2,...]`` (layer i uses layer j's K/V).
 
 ``search.budget`` is the target KV-cache size as a fraction of the base model's;
 the plan's own fraction is at most that. With CLA, the budget counts only the
@@ -188,7 +189,7 @@ def run(cfg: DictConfig) -> dict:
         t0 = time.perf_counter()
         model, _ = load_model(s.model_dir, resolve_device(cfg.device))
         shape = ModelShape.of(model.config)
-        pattern = cla_pattern(shape.num_layers, cla)
+        pattern = cla_pattern(shape.num_layers, list(s.cla_layers) if s.cla_layers is not None else cla)
         producers = sorted(set(pattern))
         weight_dists = [pairwise_sq_dists(v) for v in kv_head_vectors(model)]
         c = s.calibration
