@@ -38,16 +38,13 @@ import argparse
 import gc
 import json
 import os
-import platform
 import random
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 
+import machine
 import torch
-import transformers
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, LogitsProcessor, LogitsProcessorList
 
 from kvshare.merge import convert_model
@@ -238,25 +235,7 @@ def build(shape_name, dims, variant, device, dtype, base_cache):
 
 
 def environment(device) -> dict:
-    env = {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "device": str(device),
-        "host": platform.node(),
-        "argv": " ".join(sys.argv),
-    }
-    if device.type == "cuda":
-        p = torch.cuda.get_device_properties(device)
-        env.update(gpu=p.name, gpu_mem_gib=round(p.total_memory / 2**30, 1), cuda=torch.version.cuda)
-        try:
-            env["driver"] = subprocess.run(
-                ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True, text=True
-            ).stdout.strip()
-        except OSError:
-            pass
-    env["attn_implementation"] = "sdpa (transformers default)"
-    return env
+    return machine.environment(device) | {"attn_implementation": "sdpa (transformers default)"}
 
 
 def main() -> None:

@@ -18,12 +18,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
+
+import machine
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL_YAML = ROOT / "conf" / "model" / "smollm2-135m.yaml"
@@ -72,35 +71,7 @@ def load_model(args):
 
 
 def environment(device: str) -> dict:
-    import torch
-    import transformers
-
-    env = {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "device": device,
-        "host": platform.node(),
-        "cpus": os.cpu_count(),
-        "argv": " ".join(sys.argv),
-    }
-    for pkg in ("lm_eval", "datasets", "gguf"):
-        try:
-            from importlib.metadata import version
-
-            env[pkg] = version(pkg)
-        except Exception:  # noqa: BLE001
-            env[pkg] = "?"
-    if device.startswith("cuda"):
-        p = torch.cuda.get_device_properties(0)
-        env.update(gpu=p.name, gpu_mem_gib=round(p.total_memory / 2**30, 1), cuda=torch.version.cuda)
-        try:
-            env["driver"] = subprocess.run(
-                ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True, text=True
-            ).stdout.strip()
-        except OSError:
-            pass
-    return env
+    return machine.environment(device, ("lm_eval", "datasets", "gguf"))
 
 
 def main() -> None:
