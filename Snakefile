@@ -18,7 +18,11 @@ from snakemake.utils import min_version, validate
 min_version("9.0")
 
 
-configfile: "workflow/config/smoke.yaml"
+# The smoke grid unless a grid is given (--configfile, or a profile's configfile): Snakemake merges
+# config files key by key, so a default read as well would leak its methods into another grid.
+if not workflow.overwrite_configfiles:
+
+    configfile: "workflow/config/smoke.yaml"
 
 
 validate(config, "workflow/schemas/config.schema.yaml")
