@@ -608,6 +608,8 @@ def report(data: dict) -> str:
                 ratio(un, unchunked.get((r["shape"], "base"))),
             ]
             lines.append("| " + " | ".join(cells) + " |")
+    if "maxbatch_expandable_segments" in data:  # a later run's results, written up by hand and kept in the JSON
+        lines += ["", data["maxbatch_expandable_segments"]["markdown"]]
     lines += extrapolated_max_batch(data, rows, batches)
     lines += [
         "",
