@@ -43,6 +43,7 @@ from pymoo.core.problem import Problem
 from pymoo.core.repair import Repair
 from pymoo.core.sampling import Sampling
 from pymoo.core.termination import NoTermination
+from pymoo.indicators.hv import HV
 from pymoo.operators.crossover.pntx import TwoPointCrossover
 from pymoo.operators.crossover.sbx import SBX
 from pymoo.operators.mutation.bitflip import BitflipMutation
@@ -453,18 +454,9 @@ def stage1_algorithm(problem: GroupingProblem, s: NSGASettings, seeds: np.ndarra
 
 
 def hypervolume_2d(points: np.ndarray, ref=(1.0, 1.0)) -> float:
-    """Area dominated by minimisation points (f1, f2) inside the box below ``ref``."""
+    """Area dominated by minimisation points (f1, f2) inside the box below ``ref`` (pymoo's indicator)."""
     pts = np.asarray(points, dtype=float).reshape(-1, 2)
-    pts = pts[(pts[:, 0] < ref[0]) & (pts[:, 1] < ref[1])]
-    if not len(pts):
-        return 0.0
-    pts = pts[np.lexsort((pts[:, 1], pts[:, 0]))]
-    area, best = 0.0, ref[1]
-    for f1, f2 in pts:
-        if f2 < best:
-            area += (ref[0] - f1) * (best - f2)
-            best = f2
-    return area
+    return float(HV(ref_point=np.asarray(ref, dtype=float))(pts)) if len(pts) else 0.0
 
 
 def layer_hypervolume(errors: np.ndarray, scale: float) -> float:
