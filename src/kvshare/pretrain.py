@@ -42,7 +42,7 @@ from kvshare.data import documents, is_heldout, load_tokens, tokenize_corpus
 from kvshare.errors import KVShareError
 from kvshare.finetune import log_summary, settings, tracked
 from kvshare.merge import plain_llama_kv_heads, to_plain_llama
-from kvshare.models import _train_tokenizer, resolve_device, save_model
+from kvshare.models import resolve_device, save_model, train_tokenizer
 from kvshare.plan import ModelShape, Plan, cla_pattern
 from kvshare.training import barrier, clear_checkpoints, leave_distributed, setup_distributed, train
 
@@ -101,7 +101,7 @@ def tokens_and_tokenizer(cfg: DictConfig, work: Path, dist) -> tuple:
         val_fraction = cfg.tokenize.val_fraction
         # Held-out documents stay out of the tokenizer too.
         train_docs = (d for d in documents(cfg.data) if not is_heldout(d, val_fraction))
-        _train_tokenizer(train_docs, cfg.model.vocab_size).save_pretrained(tok_dir)
+        train_tokenizer(train_docs, cfg.model.vocab_size).save_pretrained(tok_dir)
     barrier(dist)
     tok = AutoTokenizer.from_pretrained(tok_dir)
     if not p.data_dir and dist.main and not (data_dir / "train.bin").exists():
