@@ -1,4 +1,4 @@
-"""kvshare workflow: prepare → search → convert → finetune → evaluate → pareto.
+"""kvshare workflow: prepare → (pretrain) → search → convert → finetune → evaluate → pareto.
 
     snakemake --profile workflow/profiles/smoke      # whole DAG on CPU, tiny budgets
     snakemake --profile workflow/profiles/gpu        # real sizes, GPU jobs declare gpu=1
@@ -33,6 +33,7 @@ os.environ.setdefault("KVSHARE_INVOCATION", time.strftime("%Y%m%dT%H%M%S-") + uu
 
 include: "workflow/rules/common.smk"
 include: "workflow/rules/prepare.smk"
+include: "workflow/rules/pretrain.smk"
 include: "workflow/rules/search.smk"
 include: "workflow/rules/convert.smk"
 include: "workflow/rules/finetune.smk"

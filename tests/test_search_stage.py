@@ -52,7 +52,7 @@ def run(root, tmp_path, method, budget, *extra, model="mha"):
     return Plan.load(out), root / "mlflow.db"
 
 
-@pytest.mark.parametrize("method", ["qcqa-ac", "qcqa-ec", "gqa", "mqa", "random", "qcqa-ac+cla2"])
+@pytest.mark.parametrize("method", ["qcqa-ac", "qcqa-ec", "gqa", "mqa", "random", "random-s3", "qcqa-ac+cla2"])
 def test_methods_meet_the_budget(root, tmp_path, method):
     plan, _ = run(root, tmp_path, method, 0.5)
     assert plan.kv_fraction <= 0.5
@@ -60,6 +60,23 @@ def test_methods_meet_the_budget(root, tmp_path, method):
     if method == "qcqa-ec":
         for groups in plan.groups:
             assert len(set(np.bincount(groups))) == 1
+
+
+def test_baselines_between_two_counts(root, tmp_path):
+    # 3 layers x 8 heads at budget 0.55 = 13 KV heads: 4/5/4 for GQA (the extra head mid-depth);
+    # random seeds put it in random layers, with random partitions.
+    gqa, _ = run(root, tmp_path, "gqa", 0.55)
+    assert [len(set(g)) for g in gqa.groups] == [4, 5, 4]
+    assert all(list(g) == sorted(g) for g in gqa.groups)  # contiguous
+    seeds = [run(root, tmp_path, f"random-s{k}", 0.55)[0] for k in (0, 1, 0)]
+    assert all(sum(len(set(g)) for g in p.groups) == 13 for p in seeds)
+    assert seeds[0].groups == seeds[2].groups != seeds[1].groups
+
+
+def test_layer_counts():
+    assert search.layer_counts(30, 3, 72) == [3 if i % 5 in (1, 3) else 2 for i in range(30)]
+    assert search.layer_counts(4, 8, 32) == [8] * 4 and search.layer_counts(4, 8, 1000) == [8] * 4
+    assert search.layer_counts(4, 8, 4) == [1] * 4
 
 
 def test_qcqa_beats_gqa_and_logs_to_mlflow(root, tmp_path):

@@ -121,6 +121,31 @@ def test_papers_comparisons_on_hand_made_points():
     assert rho["perplexity"] == pytest.approx(1.0) and rho["zeroshot_avg"] == pytest.approx(-1.0)
 
 
+def test_seed_means_and_cla_table():
+    from kvshare.comparisons import cla_table1, matched, report, seed_means
+
+    df = pd.DataFrame(
+        {
+            "model": ["m"] * 7,
+            "variant": ["converted"] * 4 + ["pretrained"] * 3,
+            "method": ["qcqa-ac", "random-s0", "random-s1", "random-s2", "mha", "mqa", "mqa+cla2"],
+            "kv_bytes_per_token": [100, 100, 100, 100, 800, 100, 50],
+            "kv_fraction": [0.5, 0.5, 0.5, 0.5, 1.0, 0.125, 0.0625],
+            "perplexity": [20.0, 30.0, 34.0, 38.0, 10.0, 11.0, 12.0],
+            "wse_total": [1.0, 3.0, 4.0, 5.0, None, None, None],
+        }
+    )
+    means = seed_means(df)
+    rnd = means[means.method == "random"].iloc[0]
+    assert rnd.seeds == 3 and rnd.perplexity == pytest.approx(34.0) and rnd.perplexity_sd == pytest.approx(4.0)
+    assert matched(means, "qcqa", "random").perplexity_diff.iloc[0] == pytest.approx(-14.0)
+    table = cla_table1(df).set_index("layout")
+    assert table.ppl_vs_mha["mqa+cla2"] == pytest.approx(1.2)
+    assert table.paper_ppl_vs_mha["mqa+cla2"] == pytest.approx(13.60 / 13.15)
+    assert table.paper_kv_fraction["mqa"] == pytest.approx(1 / 16)
+    assert "CLA's Table 1" in report(df)
+
+
 def test_strided_perplexity_scores_each_token_once_with_more_context():
     from kvshare.metrics import perplexity_and_agreement, windows
     from tests.builders import tiny_llama

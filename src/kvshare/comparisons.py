@@ -5,22 +5,58 @@
   to match or beat each GQA point;
 - CLA against within-layer sharing at equal bytes (CLA's headline: MQA-CLA2 vs
   a smaller MQA/GQA);
-- how well WSE ranks variants as measured quality does (Spearman correlation).
+- how well WSE ranks variants as measured quality does (Spearman correlation);
+- models pretrained from scratch in each layout, in the form of CLA's Table 1,
+  beside the paper's numbers.
 
-Each comparison is made separately per model and variant (converted / fine-tuned).
+Each comparison is made separately per model and variant (converted / fine-tuned
+/ pretrained). Methods spelled ``<name>-s<seed>`` (the random baseline's seeds)
+enter the comparisons as the mean over seeds, with their standard deviation.
 """
 
 from __future__ import annotations
+
+import re
 
 import pandas as pd
 
 # Quality columns and whether higher is better.
 QUALITY = {"zeroshot_avg": True, "perplexity": False, "kl_to_base": False}
+SEED = re.compile(r"^(?P<name>.+)-s(?P<seed>[0-9]+)$")
+
+# CLA (Brandon et al., arXiv 2405.12981) Table 1, 1B scale, 20 layers, 16 heads of 128: KV bytes per token
+# (16-bit) and validation perplexity, keyed by the layout name kvshare's pretrain stage uses.
+CLA_TABLE1 = {
+    "mha": ("H128-MHA", 163840, 13.15),
+    "gqa4": ("H128-GQA4", 40960, 13.36),
+    "gqa2": ("H128-GQA2", 20480, 13.52),
+    "mqa": ("H128-MQA", 10240, 13.54),
+    "mqa+cla2": ("H128-MQA-CLA2", 5120, 13.60),
+    "mqa+cla3": ("H128-MQA-CLA3", 3584, 13.77),
+}
 
 
 def _family(method: str) -> str:
+    """``qcqa-ac`` → qcqa, ``random-s2`` → random, ``gqa4`` → gqa, ``mqa+cla2`` → mqa, ``cla2`` → cla."""
     within = [p for p in method.split("+") if not p.startswith("cla")]
-    return within[0].split("-")[0] if within else "cla"
+    return re.match(r"[a-z]+", within[0]).group() if within else "cla"
+
+
+def seed_means(df: pd.DataFrame) -> pd.DataFrame:
+    """Rows of ``<name>-s<seed>`` methods replaced by one row per name and KV size: the mean over seeds, with
+    ``<quality>_sd`` and ``seeds``; other rows keep ``seeds`` = 1."""
+    names = df.method.str.extract(SEED)["name"]
+    single = df[names.isna()].assign(seeds=1)
+    seeded = df[names.notna()].assign(method=names[names.notna()])
+    if seeded.empty:
+        return single
+    keys = ["model", "variant", "method", "kv_bytes_per_token"]
+    quality = [q for q in QUALITY if q in df]
+    grouped = seeded.groupby(keys)
+    means = grouped[[*quality, *(c for c in ("wse_total", "kv_fraction") if c in df)]].mean()
+    sds = grouped[quality].std().add_suffix("_sd")
+    agg = pd.concat([means, sds, grouped.size().rename("seeds")], axis=1).reset_index()
+    return pd.concat([single, agg], ignore_index=True)
 
 
 def matched(df: pd.DataFrame, a: str, b: str) -> pd.DataFrame:
@@ -43,6 +79,8 @@ def kv_saving_at_quality(df: pd.DataFrame, quality: str = "zeroshot_avg") -> pd.
     fam = df.method.map(_family)
     for (model, variant), part in df.groupby(["model", "variant"]):
         qcqa = part[fam[part.index] == "qcqa"]
+        if qcqa.empty:
+            continue
         for _, g in part[fam[part.index] == "gqa"].iterrows():
             good = qcqa[qcqa[quality] >= g[quality]] if higher else qcqa[qcqa[quality] <= g[quality]]
             best = good.kv_bytes_per_token.min() if len(good) else float("nan")
@@ -71,14 +109,46 @@ def wse_rank_correlation(df: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def cla_table1(df: pd.DataFrame) -> pd.DataFrame:
+    """Models pretrained from scratch: KV bytes and perplexity, each relative to the MHA model's, beside CLA's
+    Table 1 rows of the same layout name."""
+    rows = []
+    for model, part in df[df.variant == "pretrained"].groupby("model"):
+        mha = part[part.method == "mha"].perplexity
+        paper_mha = CLA_TABLE1["mha"]
+        for _, r in part.sort_values("kv_bytes_per_token", ascending=False).iterrows():
+            name, paper_bytes, paper_ppl = CLA_TABLE1.get(r.method, ("", float("nan"), float("nan")))
+            rows.append(
+                {
+                    "model": model,
+                    "layout": r.method,
+                    "kv_bytes_per_token": r.kv_bytes_per_token,
+                    "kv_fraction": r.kv_fraction,
+                    "perplexity": r.perplexity,
+                    "ppl_vs_mha": r.perplexity / mha.iloc[0] if len(mha) else float("nan"),
+                    "paper_row": name,
+                    "paper_kv_fraction": paper_bytes / paper_mha[1],
+                    "paper_perplexity": paper_ppl,
+                    "paper_ppl_vs_mha": paper_ppl / paper_mha[2],
+                }
+            )
+    return pd.DataFrame(rows)
+
+
 def report(df: pd.DataFrame) -> str:
     """All comparisons as one Markdown document."""
+    means = seed_means(df)
     sections = [
-        ("QCQA minus GQA at equal KV bytes", matched(df, "qcqa", "gqa")),
-        ("KV saving of QCQA at GQA's zero-shot average", kv_saving_at_quality(df)),
-        ("CLA-only against MQA at equal KV bytes", matched(df, "cla", "mqa")),
-        ("CLA-only against GQA at equal KV bytes", matched(df, "cla", "gqa")),
-        ("Rank correlation of WSE with measured quality", wse_rank_correlation(df)),
+        ("QCQA minus GQA at equal KV bytes", matched(means, "qcqa", "gqa")),
+        ("QCQA minus random grouping (mean over seeds) at equal KV bytes", matched(means, "qcqa", "random")),
+        ("GQA minus random grouping (mean over seeds) at equal KV bytes", matched(means, "gqa", "random")),
+        ("KV saving of QCQA at GQA's zero-shot average", kv_saving_at_quality(means)),
+        ("KV saving of QCQA at GQA's perplexity", kv_saving_at_quality(means, "perplexity")),
+        ("CLA-only against MQA at equal KV bytes", matched(means, "cla", "mqa")),
+        ("CLA-only against GQA at equal KV bytes", matched(means, "cla", "gqa")),
+        ("Pretrained from scratch, in the form of CLA's Table 1 (paper: 1B, 20 layers, H128)", cla_table1(df)),
+        ("Random grouping over seeds", means[means.seeds > 1]),
+        ("Rank correlation of WSE with measured quality (every seed a variant)", wse_rank_correlation(df)),
     ]
     parts = []
     for title, table in sections:

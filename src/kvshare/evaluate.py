@@ -29,7 +29,7 @@ from kvshare.models import load_model, resolve_device
 from kvshare.plan import Plan
 from kvshare.tracking import stage_run
 
-VARIANTS = ("converted", "finetuned")
+VARIANTS = ("converted", "finetuned", "pretrained")
 # The metric each task is usually reported by; their mean is the zero-shot average.
 PRIMARY = {"hellaswag": "acc_norm", "piqa": "acc_norm", "arc_easy": "acc_norm", "arc_challenge": "acc_norm"}
 

@@ -66,7 +66,8 @@ def plot(df: pd.DataFrame, quality: str, path: Path, log_y: bool) -> None:
     fig, axes = plt.subplots(1, len(variants), figsize=(6 * len(variants), 4.5), squeeze=False, sharey=True)
     for ax, variant in zip(axes[0], variants, strict=True):
         part = df[df.variant == variant]
-        for method, pts in part.groupby("method"):
+        # A seeded baseline's seeds share one colour: "random-s0", "random-s1" -> "random".
+        for method, pts in part.groupby(part.method.str.replace(r"-s[0-9]+$", "", regex=True)):
             ax.scatter(pts.kv_bytes_per_token, pts[quality], label=method, s=40)
         front = part[part[f"front_{quality}"]].sort_values("kv_bytes_per_token")
         ax.step(

@@ -5,9 +5,12 @@
     python -m kvshare.search search=paper ...      # the QCQA reproduction's settings
 
 Methods (``search.method``), alone or as ``<within>+cla<k>``:
-- ``gqa``: contiguous groups of (near-)equal size, the same count in every layer
-  (Ainslie et al.); ``mqa``: one KV head per layer; ``random``: a random
-  partition with GQA's counts, the null hypothesis for any smarter grouping;
+- ``gqa``: contiguous groups of (near-)equal size (Ainslie et al.), the same
+  count in every layer where the budget allows one; between two counts, the
+  layers with one KV head more are spaced evenly over the depth; ``mqa``: one KV
+  head per layer; ``random``: random partitions with GQA's counts, the extra KV
+  heads in random layers, the null hypothesis for any smarter grouping;
+  ``random-s<k>`` is the same with seed k (``search.random_seed`` otherwise);
 - ``qcqa-ac`` / ``qcqa-ec``: groupings searched by weight-sharing error, with
   any / equal group sizes, and a choice of which layers stay ungrouped
   (:mod:`kvshare.qcqa`; solvers and proxies are set under ``search:`` in conf);
@@ -47,19 +50,23 @@ WITHIN = ("base", "gqa", "mqa", "random", "qcqa-ac", "qcqa-ec")
 PROXIES = ("weight", "output")
 
 
-def parse_method(method: str) -> tuple[str, int]:
-    """``"qcqa-ac+cla2"`` → ``("qcqa-ac", 2)``; ``"cla2"`` → ``("base", 2)``; ``"gqa"`` → ``("gqa", 1)``."""
-    within, cla = "base", 1
+def parse_method(method: str) -> tuple[str, int, int | None]:
+    """``"qcqa-ac+cla2"`` → ``("qcqa-ac", 2, None)``; ``"cla2"`` → ``("base", 2, None)``;
+    ``"random-s1"`` → ``("random", 1, 1)``: (within-layer method, CLA factor, random seed or None)."""
+    within, cla, seed = "base", 1, None
     for part in str(method).lower().split("+"):
         if part.startswith("cla") and part[3:].isdigit() and int(part[3:]) >= 1:
             cla = int(part[3:])
         elif part in WITHIN:
             within = part
+        elif part.startswith("random-s") and part[8:].isdigit():
+            within, seed = "random", int(part[8:])
         else:
             raise KVShareError(
-                f"search.method={method!r} is not known: use one of {', '.join(WITHIN)}, cla<k>, or <within>+cla<k>"
+                f"search.method={method!r} is not known: use one of {', '.join(WITHIN)}, random-s<seed>, cla<k>, "
+                "or <within>+cla<k>"
             )
-    return within, cla
+    return within, cla, seed
 
 
 def contiguous(n: int, k: int) -> tuple[int, ...]:
@@ -72,17 +79,32 @@ def random_partition(n: int, k: int, rng: np.random.Generator) -> tuple[int, ...
     return tuple(int(x) for x in labels[rng.permutation(n)])
 
 
+def layer_counts(layers: int, n: int, max_heads: int, extra_layers=None) -> list[int]:
+    """KV heads per layer for GQA-style baselines: ``max_heads`` (capped at ``n`` per layer) spread as evenly as
+    possible; the layers with one more are ``extra_layers(k)``, by default ``k`` evenly spaced ones."""
+    per_layer = min(n, max_heads // layers)
+    k = 0 if per_layer == n else max_heads - per_layer * layers
+    if extra_layers is None:
+        chosen = np.floor((np.arange(k) + 0.5) * layers / k).astype(int) if k else []
+    else:
+        chosen = extra_layers(k)
+    counts = [per_layer] * layers
+    for i in chosen:
+        counts[int(i)] += 1
+    return counts
+
+
 def nsga_settings(node, name: str = "search.nsga") -> NSGASettings:
     d = OmegaConf.to_container(node, resolve=True)
     return NSGASettings(**{k: v for k, v in d.items() if k in NSGASettings.__dataclass_fields__}, name=name)
 
 
 def find_groups(
-    within: str, dists: list[np.ndarray], max_heads: int, n: int, s: DictConfig, settings: tuple
+    within: str, dists: list[np.ndarray], max_heads: int, n: int, s: DictConfig, settings: tuple, seed: int
 ) -> qcqa.SearchResult:
     """Groupings of the K/V-storing layers using at most ``max_heads`` KV heads in all.
 
-    ``settings``: the NSGA-II settings of stage 1 and stage 2.
+    ``settings``: the NSGA-II settings of stage 1 and stage 2; ``seed``: the random baseline's.
     """
     layers = len(dists)
     if max_heads < layers:
@@ -90,7 +112,6 @@ def find_groups(
             f"the budget allows {max_heads} KV heads for {layers} layers, and no grouping has fewer than one per "
             "layer: raise search.budget"
         )
-    per_layer = min(n, max_heads // layers)
     if within in ("qcqa-ac", "qcqa-ec"):
         return qcqa.search(
             dists,
@@ -105,16 +126,19 @@ def find_groups(
             workers=s.workers,
         )
     if within == "base":
-        if per_layer < n:
+        if max_heads < n * layers:
             raise KVShareError(
                 f"method keeps all {n} KV heads per layer, which exceeds the budget: raise search.budget"
             )
         groups = [tuple(range(n))] * layers
-    elif within in ("gqa", "mqa"):
-        groups = [contiguous(n, 1 if within == "mqa" else per_layer)] * layers
+    elif within == "mqa":
+        groups = [contiguous(n, 1)] * layers
+    elif within == "gqa":
+        groups = [contiguous(n, k) for k in layer_counts(layers, n, max_heads)]
     else:
-        rng = np.random.default_rng(s.random_seed)
-        groups = [random_partition(n, per_layer, rng) for _ in range(layers)]
+        rng = np.random.default_rng(seed)
+        counts = layer_counts(layers, n, max_heads, lambda k: rng.choice(layers, k, replace=False))
+        groups = [random_partition(n, k, rng) for k in counts]
     errors = [wse(d, g) for d, g in zip(dists, groups, strict=True)]
     return qcqa.SearchResult(groups, errors, [], {"solver": within, "evaluations": len(groups)})
 
@@ -164,7 +188,7 @@ def plot_fronts(result: qcqa.SearchResult, dists: list[np.ndarray], out_dir: Pat
 
 def run(cfg: DictConfig) -> dict:
     s = cfg.search
-    within, cla = parse_method(s.method)
+    within, cla, seed = parse_method(s.method)
     try:
         budget = float(s.budget)
     except ValueError:
@@ -199,7 +223,15 @@ def run(cfg: DictConfig) -> dict:
             dists = proxy.output_dists(model, windows, c.batch_size)
         max_heads = int(np.floor(budget * shape.num_layers * shape.num_kv_heads + 1e-9))
         t_search = time.perf_counter()
-        result = find_groups(within, [dists[j] for j in producers], max_heads, shape.num_kv_heads, s, settings)
+        result = find_groups(
+            within,
+            [dists[j] for j in producers],
+            max_heads,
+            shape.num_kv_heads,
+            s,
+            settings,
+            s.random_seed if seed is None else seed,
+        )
         search_seconds = time.perf_counter() - t_search
         by_producer = dict(zip(producers, result.groups, strict=True))
         info = result.info

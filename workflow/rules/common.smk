@@ -11,6 +11,8 @@ os.environ.update(PATH=os.pathsep.join([str(Path(sys.executable).parent), os.env
 SRC = Path(workflow.basedir) / "src" / "kvshare"
 MLFLOW_URI = os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db")
 VARIANTS = ["converted", "finetuned"] if config["finetune"] else ["converted"]
+# A from-scratch study pretrains each layout; its `base` layout is the base model of every other stage.
+PRETRAIN = config.get("pretrain")
 GRID = [
     (model, method, f"{float(budget):g}")  # one spelling per budget: 0.5, 1
     for model in config["models"]
@@ -25,6 +27,14 @@ wildcard_constraints:
     method="[a-z0-9+-]+",
     budget="[0-9.]+",
     variant="converted|finetuned",
+    layout="[a-z0-9+]+",
+
+
+def base_model(wildcards):
+    """The model that search, convert and evaluate start from: prepared, or pretrained from scratch."""
+    if PRETRAIN:
+        return f"{RESULTS}/pretrained/{wildcards.model}/{PRETRAIN['base']}"
+    return f"resources/models/{wildcards.model}"
 
 
 def code(*modules):

@@ -1,7 +1,7 @@
 rule convert:
     """Apply the plan to the base model: a checkpoint whose KV cache really shrinks."""
     input:
-        model="resources/models/{model}",
+        model=base_model,
         plan=f"{RESULTS}/plans/{{model}}/{{method}}/{{budget}}.json",
         code=code("convert", "merge", "modeling", "plan", "models"),
     output:

@@ -2,6 +2,10 @@ METRICS = [
     f"{RESULTS}/metrics/{model}/{method}/{budget}/{variant}.json"
     for model, method, budget in GRID
     for variant in VARIANTS
+] + [
+    f"{RESULTS}/metrics/{model}/pretrained/{layout}.json"
+    for model in config["models"]
+    for layout in (PRETRAIN or {}).get("layouts", [])
 ]
 
 

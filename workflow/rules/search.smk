@@ -1,7 +1,7 @@
 rule search:
     """Choose which KV heads merge (and which layers share K/V) within the budget: a plan JSON."""
     input:
-        model="resources/models/{model}",
+        model=base_model,
         code=code("search", "qcqa", "nsga", "exact", "proxy", "wse", "plan", "models"),
     output:
         f"{RESULTS}/plans/{{model}}/{{method}}/{{budget}}.json",

