@@ -1,5 +1,6 @@
 """The real Snakemake DAG end to end on a tiny model, in a temporary folder."""
 
+import json
 import os
 import shutil
 import signal
@@ -29,9 +30,9 @@ def workflow_copy(tmp_path_factory):
     return root
 
 
-def snakemake(workflow, workdir, *args, check=True, wait=True):
+def snakemake(workflow, workdir, *args, check=True, wait=True, grid="tiny"):
     cmd = [sys.executable, "-m", "snakemake", "-s", str(workflow / "Snakefile"), "-d", str(workdir), "--cores", "2"]
-    cmd += ["--resources", "gpu=2", "--configfile", str(workflow / "workflow" / "config" / "tiny.yaml"), *args]
+    cmd += ["--resources", "gpu=2", "--configfile", str(workflow / "workflow" / "config" / f"{grid}.yaml"), *args]
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     if not wait:
         return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
@@ -47,6 +48,25 @@ def done(workflow_copy, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("dag")
     snakemake(workflow_copy, workdir)
     return workdir
+
+
+def test_from_scratch_study_pretrains_layouts_and_searches_the_mha_model(workflow_copy, tmp_path):
+    snakemake(workflow_copy, tmp_path, grid="tiny-scratch")
+    runs = runs_frame(f"sqlite:///{tmp_path}/mlflow.db", experiment="tiny-scratch")
+    pretrained = runs[runs["tags.kvshare.stage"] == "pretrain"]
+    assert sorted(pretrained["tags.kvshare.method"]) == ["mha", "mqa+cla2"]
+    # Every layout trained on the same token file.
+    specs = [
+        json.loads(p.read_text())
+        for p in (tmp_path / "results" / "tiny-scratch").glob("pretrained/tiny/*/kvshare_spec.json")
+    ]
+    assert len(specs) == 2 and len({s["train_tokens_sha256"] for s in specs}) == 1
+    plan = (tmp_path / "results" / "tiny-scratch" / "plans" / "tiny" / "qcqa-ac" / "0.5.json").read_text()
+    assert '"method": "qcqa-ac"' in plan
+    table = (tmp_path / "results" / "tiny-scratch" / "comparisons.md").read_text()
+    assert "| tiny    | mqa+cla2 |" in table and "H128-MQA-CLA2" in table
+    evaluated = runs[runs["tags.kvshare.stage"] == "evaluate"]
+    assert sorted(evaluated["tags.kvshare.variant"]) == ["converted", "pretrained", "pretrained"]
 
 
 def test_dry_run_lists_every_stage(workflow_copy, tmp_path):
