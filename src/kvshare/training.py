@@ -335,8 +335,8 @@ def barrier(dist: Dist) -> None:
 def _fully_shard(objective: _Objective, s: TrainSettings, device: torch.device) -> None:
     """FSDP2: each decoder layer is one unit of all-gather and reduce-scatter; the root holds the rest.
 
-    The root is the objective, not the model: the loss reads the LM head outside the model's
-    forward, and the root's parameters are gathered for the module whose forward is called.
+    The root is the objective, not the model: FSDP gathers the root's parameters around the root's
+    forward, and the loss reads the LM head outside the model's forward.
     """
     import torch.distributed as tdist
     from torch.distributed.device_mesh import init_device_mesh
@@ -362,7 +362,7 @@ def trained_model(model, dist: Dist):
 
     Under FSDP, rank 0 gathers the shards and loads them into a fresh copy of the model.
     """
-    if not _is_sharded(model):
+    if dist.world == 1 or not _is_sharded(model):
         return model.to(torch.float32).cpu() if dist.main else None
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
