@@ -21,6 +21,7 @@ Imports only torch, transformers and kvshare's loop (no Hydra, no MLflow):
 
     PYTHONPATH=src python benchmarks/finetune_bench.py --out DIR      # GPU
     PYTHONPATH=src torchrun --nproc_per_node=2 benchmarks/finetune_bench.py --variants ours --out DIR  # DDP
+    PYTHONPATH=src torchrun --nproc_per_node=2 benchmarks/finetune_bench.py --variants ours --parallel fsdp --out DIR
     PYTHONPATH=src python benchmarks/finetune_bench.py --smoke        # CPU, tiny, seconds
 
 Results: benchmarks/results/finetune_bench.md.
@@ -130,6 +131,7 @@ def run_ours(model, tokens: np.ndarray, a, micro: int, device, dist: Dist, compi
         eval_windows=0,
         progress=False,
         peak_flops=a.peak_flops,
+        parallel=a.parallel,
     )
     train(model, tokens, tokens[: 10 * a.seq_len], s, device, dist, log=log)
     if prof is not None:
@@ -154,6 +156,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=3, help="untimed optimizer steps first")
     p.add_argument("--peak-flops", type=float, default=989e12, help="per GPU; H100 SXM dense bf16")
     p.add_argument("--profile", action="store_true", help="print our loop's top kernels (torch.profiler)")
+    p.add_argument("--parallel", choices=("ddp", "fsdp"), default="ddp", help="our loop under torchrun")
     p.add_argument("--out", type=Path, help="folder for finetune_bench.json")
     a = p.parse_args()
     shape = SMOLLM2_135M
@@ -218,13 +221,14 @@ def main() -> None:
         print(json.dumps(rows[-1]), flush=True)
         if a.out:  # after every variant, so a run cut short keeps what it measured
             a.out.mkdir(parents=True, exist_ok=True)
-            name = f"finetune_bench{'_ddp' if dist.world > 1 else ''}.json"
+            name = f"finetune_bench{f'_{a.parallel}' if dist.world > 1 else ''}.json"
             (a.out / name).write_text(json.dumps({"env": env, "rows": rows}, indent=1) + "\n")
     leave_distributed(dist)
     if not dist.main:
         return
     base = next((r["tokens_per_second"] for r in rows if r["variant"].startswith("trainer")), None)
-    print(f"\n{env['device']} x {dist.world}, torch {env['torch']}, transformers {env['transformers']}")
+    how = f" ({a.parallel})" if dist.world > 1 else ""
+    print(f"\n{env['device']} x {dist.world}{how}, torch {env['torch']}, transformers {env['transformers']}")
     print(f"seq {a.seq_len}, global batch {a.global_batch}, peak {a.peak_flops:.3g} FLOP/s per GPU")
     print("| variant | micro | tokens/s | MFU | vs Trainer | step s | peak GiB | GFLOP/token | first loss |")
     print("|---|---|---|---|---|---|---|---|---|")

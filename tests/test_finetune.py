@@ -1,6 +1,7 @@
 """The training loop (kvshare.training) on tiny CPU models: learning, exact resume, distillation, failures."""
 
 import copy
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -188,6 +189,99 @@ def test_two_ranks_under_ddp_give_the_single_process_losses(tmp_path):
     single = {}
     train(tiny_llama(layers=2), corpus(), corpus(2000, seed=1), s, CPU, log=lambda m, k: single.update({k: m}))
     assert ddp == pytest.approx({k: m["train_loss"] for k, m in single.items()}, abs=1e-5)
+
+
+def _fsdp_settings(resume_dir=None) -> TrainSettings:
+    return TrainSettings(
+        seq_len=32,
+        micro_batch=1,
+        global_batch=4,
+        max_steps=6,
+        lr=3e-3,
+        checkpoint_interval=3,
+        resume_dir=resume_dir,
+        eval_windows=4,
+        eval_interval=3,
+        progress=False,
+        parallel="fsdp",
+    )
+
+
+def _fsdp_rank(rank: int, world: int, port: int, out: str) -> None:
+    import json
+    import os
+    from unittest import mock
+
+    from kvshare.training import Windows, setup_distributed, trained_model
+
+    os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist, device = setup_distributed(CPU)
+    s = _fsdp_settings(f"{out}/resume")
+    logs = {}
+
+    def fsdp_run(model):
+        return train(model, corpus(), corpus(2000, seed=1), s, device, dist, log=lambda m, k: logs.update({k: m}))
+
+    batch = Windows.batch
+
+    def killed_after_step_5(windows, first, n):
+        if first >= 5 * s.global_batch:  # on every rank, before step 6: its checkpoint at step 3 is the last
+            raise KeyboardInterrupt
+        return batch(windows, first, n)
+
+    with mock.patch.object(Windows, "batch", killed_after_step_5), pytest.raises(KeyboardInterrupt):
+        fsdp_run(tiny_llama(layers=2))
+    killed = {k: m["train_loss"] for k, m in logs.items()}
+    logs.clear()
+    model = tiny_llama(layers=2, seed=1)  # other initial weights: all must come from the checkpoint
+    result = fsdp_run(model)
+    weights = trained_model(model, dist)  # every rank takes part
+    if dist.main:
+        resumed = {k: m["train_loss"] for k, m in logs.items()}
+        report = {"killed": killed, "resumed": resumed, "from": result.resumed_from, "after": result.heldout_loss_after}
+        with open(f"{out}/fsdp.json", "w") as fh:
+            json.dump(report, fh)
+        torch.save(weights.state_dict(), f"{out}/weights.pt")
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_ranks_under_fsdp_give_the_single_process_losses_and_resume_exactly(tmp_path):
+    import json
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_fsdp_rank, args=(2, port, str(tmp_path)), nprocs=2)
+    fsdp = json.loads((tmp_path / "fsdp.json").read_text())
+    killed = {int(k): v for k, v in fsdp["killed"].items()}
+    resumed = {int(k): v for k, v in fsdp["resumed"].items()}
+    assert sorted(killed) == [1, 2, 3, 4, 5] and fsdp["from"] == 3 and sorted(resumed) == [4, 5, 6]
+    for step in (4, 5):  # the steps both runs took, from the same state: the same losses
+        assert resumed[step] == pytest.approx(killed[step], abs=1e-6)
+
+    single, logs = tiny_llama(layers=2), {}
+    s = replace(_fsdp_settings(), parallel="ddp", checkpoint_interval=0)
+    result = train(single, corpus(), corpus(2000, seed=1), s, CPU, log=lambda m, k: logs.update({k: m}))
+    # float32; only the order in which gradients are summed over micro-batches and ranks differs
+    # (about 1e-7 relative per step), as under DDP.
+    assert killed | resumed == pytest.approx({k: m["train_loss"] for k, m in logs.items()}, abs=1e-5)
+    assert fsdp["after"] == pytest.approx(result.heldout_loss_after, abs=1e-5)
+    weights = torch.load(tmp_path / "weights.pt")  # gathered on rank 0, as the stages save it
+    assert weights.keys() == single.state_dict().keys()
+    for name, value in single.state_dict().items():
+        assert torch.allclose(weights[name], value, atol=1e-5), name
+
+
+def test_parallel_is_checked(tmp_path):
+    with pytest.raises(KVShareError, match=r"^finetune.parallel='zero' is not one of: ddp, fsdp$"):
+        run(tiny_llama(layers=2), settings(tmp_path, parallel="zero"))
+    with pytest.raises(KVShareError, match=r"parallel=fsdp shards the model over several processes: .*torchrun"):
+        run(tiny_llama(layers=2), settings(tmp_path, parallel="fsdp"))
 
 
 def test_pretrain_writes_loadable_checkpoints_in_any_layout_from_the_same_tokens(tmp_path):

@@ -4,6 +4,7 @@
         finetune.out=.../finetuned finetune.tokens=2000000 finetune.distill.teacher=resources/models/tiny
 
     torchrun --nproc_per_node=2 -m kvshare.finetune ...   # the same on 2 GPUs (DDP)
+    torchrun --nproc_per_node=8 -m kvshare.finetune finetune.parallel=fsdp ...   # sharded (FSDP)
 
 The loop is :func:`kvshare.training.train` (see it for data order, batching,
 schedule, checkpoints and failure messages). Resumable checkpoints go to
@@ -36,6 +37,7 @@ from kvshare.training import (
     leave_distributed,
     setup_distributed,
     train,
+    trained_model,
 )
 
 
@@ -102,9 +104,12 @@ def run(cfg: DictConfig) -> dict:
     dist, device = setup_distributed(resolve_device(cfg.device))
     s = settings("finetune", f, cfg, device)
     train_tokens, val = load_tokens(f.data_dir, "train"), load_tokens(f.data_dir, "val")
-    model, tok = load_model(f.checkpoint, device)
+    # FSDP moves each rank's shards to its GPU, so the whole model need only fit in host memory.
+    model, tok = load_model(f.checkpoint, "cpu" if s.parallel == "fsdp" else device)
     teacher = None
     if f.distill.teacher:
+        # Replicated on every rank, also under FSDP: frozen and in bf16 it takes 2 bytes a weight
+        # (7B: 14 GB), against the 16 of a trained one, and needs no all-gathers.
         teacher, _ = load_model(f.distill.teacher, device, torch.bfloat16 if s.bf16 else torch.float32)
         teacher.requires_grad_(False)
         if teacher.config.vocab_size != model.config.vocab_size:
@@ -118,6 +123,7 @@ def run(cfg: DictConfig) -> dict:
         t0 = time.perf_counter()
         inputs = {"checkpoint": str(f.checkpoint), "data_dir": str(f.data_dir), "teacher": f.distill.teacher}
         result = train(model, train_tokens, val, s, device, dist, teacher, mlrun.log_metrics, inputs)
+        model = trained_model(model, dist)
         if dist.main:
             log_summary(mlrun, result, time.perf_counter() - t0)
             spec = {**spec, "runs": {**spec["runs"], "finetune": mlrun.run_id}, "finetune_tokens": result.tokens}
@@ -125,7 +131,7 @@ def run(cfg: DictConfig) -> dict:
             remote = Path(f.checkpoint) / "modeling_kvshare.py"
             if remote.exists():
                 extra[remote.name] = remote.read_text()
-            save_model(model.to(torch.float32).cpu(), tok, f.out, extra)
+            save_model(model, tok, f.out, extra)
             clear_checkpoints(s.resume_dir)
     leave_distributed(dist)
     return {"heldout_loss_before": result.heldout_loss_before, "heldout_loss_after": result.heldout_loss_after}

@@ -3,7 +3,7 @@
     python -m kvshare.pretrain model=tiny pretrain.layout=mqa+cla2 pretrain.out=results/pre/tiny/mqa+cla2 \
         pretrain.tokenizer=resources/models/tiny pretrain.data_dir=resources/data/tiny/pydoc
 
-    torchrun --nproc_per_node=2 -m kvshare.pretrain ...   # the same on 2 GPUs (DDP)
+    torchrun --nproc_per_node=2 -m kvshare.pretrain ...   # the same on 2 GPUs (DDP; pretrain.parallel=fsdp: sharded)
 
 The size comes from the model config (a ``source: random`` file such as
 ``conf/model/tiny.yaml``: hidden_size, layers, heads, ...); ``pretrain.layout``
@@ -44,7 +44,7 @@ from kvshare.finetune import log_summary, settings, tracked
 from kvshare.merge import plain_llama_kv_heads, to_plain_llama
 from kvshare.models import resolve_device, save_model, train_tokenizer
 from kvshare.plan import ModelShape, Plan, cla_pattern
-from kvshare.training import barrier, clear_checkpoints, leave_distributed, setup_distributed, train
+from kvshare.training import barrier, clear_checkpoints, leave_distributed, setup_distributed, train, trained_model
 
 SIZE_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "max_position_embeddings")
 
@@ -133,9 +133,10 @@ def run(cfg: DictConfig) -> dict:
         t0 = time.perf_counter()
         inputs = {"layout": plan.method, "size": {k: m[k] for k in SIZE_KEYS}, "train_tokens_sha256": digest}
         result = train(model, train_tokens, val, s, device, dist, None, mlrun.log_metrics, inputs)
+        model = trained_model(model, dist)
         if dist.main:
             log_summary(mlrun, result, time.perf_counter() - t0)
-            model = model.to(torch.float32).cpu().eval()
+            model = model.eval()
             extra = {}
             if plain_llama_kv_heads(model.config) is not None:
                 model, export = to_plain_llama(model), "llama"

@@ -9,15 +9,20 @@ transformers, so it runs where Hydra and MLflow are not installed.
   step ``s`` depend on (seed, s) alone, so a resumed run, a run on any number
   of GPUs and every model trained on the same token files see the same tokens.
 - Step: ``global_batch`` windows; ``micro_batch`` per forward on each rank,
-  gradients accumulated over the rest (and averaged over DDP ranks under
+  gradients accumulated over the rest (and averaged over ranks under
   ``torchrun``). AdamW (fused on CUDA), weight decay on matrices only, linear
   warmup then cosine decay, gradient clipping, bf16 autocast.
+- Ranks (``parallel``): ``ddp`` keeps a replica of the model on each;
+  ``fsdp`` shards parameters, gradients and optimizer state over them (FSDP2,
+  one unit per decoder layer), for models too big for one GPU.
 - Loss: the LM head and cross-entropy run together in chunks of tokens
   (:func:`lm_loss`), so full float32 logits over a large vocabulary never exist;
   optionally mixed with a teacher's distillation KL.
 - Checkpoints: every ``checkpoint_interval`` steps, model, optimizer, scheduler,
-  step and RNG state go atomically to ``resume_dir/step-NNNNNNNN``; rerunning the
-  same command resumes from the newest, and continues the loss curve exactly.
+  step and RNG state go atomically to ``resume_dir/step-NNNNNNNN`` (under FSDP
+  the model and optimizer as each rank's shards, torch.distributed.checkpoint);
+  rerunning the same command resumes from the newest, and continues the loss
+  curve exactly.
 - Failures end with one line (:class:`KVShareError`): a non-finite loss or
   gradient stops before the update and names the last good checkpoint; CUDA
   out-of-memory names the batch settings to lower.
@@ -45,6 +50,7 @@ from kvshare.errors import KVShareError
 from kvshare.io import atomic_dir, atomic_write_text
 
 LATEST = "latest"
+SHARDS = "shards"  # under FSDP: the folder of model and optimizer shards inside a checkpoint
 
 
 @dataclass(frozen=True)
@@ -76,6 +82,7 @@ class TrainSettings:
     peak_flops: float = 989e12  # per GPU, for MFU (H100 SXM dense bf16)
     seed: int = 0
     progress: bool = True
+    parallel: str = "ddp"  # under torchrun: ddp (a replica per rank) | fsdp (sharded, for models too big for one GPU)
 
     @classmethod
     def from_cfg(cls, section: str, node, **overrides) -> TrainSettings:
@@ -325,6 +332,48 @@ def barrier(dist: Dist) -> None:
         tdist.barrier()
 
 
+def _fully_shard(objective: _Objective, s: TrainSettings, device: torch.device) -> None:
+    """FSDP2: each decoder layer is one unit of all-gather and reduce-scatter; the root holds the rest.
+
+    The root is the objective, not the model: FSDP gathers the root's parameters around the root's
+    forward, and the loss reads the LM head outside the model's forward.
+    """
+    import torch.distributed as tdist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mesh = init_device_mesh(device.type, (tdist.get_world_size(),))
+    # With bf16: layers gather bf16 copies of their float32 shards and compute in them (so unlike DDP's
+    # autocast, the residual stream is bf16 too); gradients are reduced and kept in float32.
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if s.bf16 else None, reduce_dtype=torch.float32)
+    for layer in objective.model.model.layers:
+        fully_shard(layer, mesh=mesh, mp_policy=mp)
+    fully_shard(objective, mesh=mesh, mp_policy=mp)
+
+
+def _is_sharded(model) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return any(isinstance(m, FSDPModule) for m in model.modules())
+
+
+def trained_model(model, dist: Dist):
+    """The trained ``model`` whole, in float32 on CPU, on rank 0 (None elsewhere); every rank must call it.
+
+    Under FSDP, rank 0 gathers the shards and loads them into a fresh copy of the model.
+    """
+    if dist.world == 1 or not _is_sharded(model):
+        return model.to(torch.float32).cpu() if dist.main else None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not dist.main:
+        return None
+    copy = type(model).from_pretrained(None, config=model.config, state_dict=full, dtype=torch.float32)
+    copy.generation_config = model.generation_config
+    return copy
+
+
 # --- checkpoints --------------------------------------------------------------
 
 
@@ -338,16 +387,43 @@ def latest_checkpoint(resume_dir: str | Path | None) -> Path | None:
     return path if (path / "state.pt").exists() else None
 
 
-def _save_checkpoint(resume_dir: Path, step: int, state: dict, keep: int) -> Path:
+def _save_checkpoint(resume_dir: Path, step: int, state: dict, keep: int, dist: Dist = Dist(), shards=None) -> Path:
+    """Rank 0 writes ``state``; with ``shards`` (FSDP) every rank must call it and writes its own part."""
     name = f"step-{step:08d}"
-    with atomic_dir(resume_dir / name) as tmp:
-        torch.save(state, tmp / "state.pt")
-        (tmp / "meta.json").write_text(json.dumps({"step": step, "tokens": state["tokens"]}) + "\n")
-    # The pointer moves only once the new folder is whole, so a kill at any moment leaves a good one.
-    atomic_write_text(resume_dir / LATEST, name + "\n")
-    for old in sorted(resume_dir.glob("step-*"))[: -max(1, keep)]:
-        shutil.rmtree(old, ignore_errors=True)
+    with atomic_dir(resume_dir / name) if dist.main else nullcontext() as tmp:
+        if shards is not None:
+            import torch.distributed as tdist
+            import torch.distributed.checkpoint as dcp
+
+            folder = [tmp]
+            tdist.broadcast_object_list(folder)  # rank 0's temporary folder
+            dcp.save(shards, checkpoint_id=folder[0] / SHARDS)  # returns once every rank's part is written
+        if dist.main:
+            torch.save(state, tmp / "state.pt")
+            (tmp / "meta.json").write_text(json.dumps({"step": step, "tokens": state["tokens"]}) + "\n")
+    if dist.main:
+        # The pointer moves only once the new folder is whole, so a kill at any moment leaves a good one.
+        atomic_write_text(resume_dir / LATEST, name + "\n")
+        for old in sorted(resume_dir.glob("step-*"))[: -max(1, keep)]:
+            shutil.rmtree(old, ignore_errors=True)
     return resume_dir / name
+
+
+def _shards(model, opt) -> dict:
+    """Model and optimizer state as this rank's shards, keyed by parameter name (torch.distributed.checkpoint)."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optimizer_state = get_state_dict(model, opt)
+    return {"model": model_state, "optimizer": optimizer_state}
+
+
+def _load_shards(model, opt, folder: Path) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    shards = _shards(model, opt)
+    dcp.load(shards, checkpoint_id=folder)  # reshards if the number of ranks changed
+    set_state_dict(model, opt, model_state_dict=shards["model"], optim_state_dict=shards["optimizer"])
 
 
 def _rng_state(device: torch.device) -> dict:
@@ -358,9 +434,10 @@ def _rng_state(device: torch.device) -> dict:
 
 
 def _set_rng_state(state: dict, device: torch.device) -> None:
-    torch.set_rng_state(state["torch"])
+    # CPU tensors whatever map_location put them on: torch accepts no other RNG state.
+    torch.set_rng_state(state["torch"].cpu())
     if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
+        torch.cuda.set_rng_state(state["cuda"].cpu(), device)
 
 
 # --- the loop -------------------------------------------------------------------
@@ -380,10 +457,12 @@ def _optimizer(model, s: TrainSettings, device: torch.device):
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda i: lr_at(i, total, warmup, s.min_lr_fraction))
 
 
-def _compile(model) -> None:
-    if getattr(model, "shares_across_layers", False):
+def _compile(model, sharded: bool = False) -> None:
+    if getattr(model, "shares_across_layers", False) and not sharded:
         # Each layer reads its own slot of the K/V-passing cache, so per-layer graphs cannot be
         # shared (one guarded recompile per layer, slow to dispatch): compile the decoder whole.
+        # Not under FSDP: its hooks around each layer are hidden from dynamo, so a decoder-wide
+        # graph would break at every layer and fall back to eager, compiling layer by layer anyway.
         model.model.compile()
     else:
         # Regional: all layers share one compiled graph, so compiling takes seconds; it also ran
@@ -431,20 +510,44 @@ def train(
         )
     if s.distill_weight > 0 and teacher is None:
         raise KVShareError(f"{s.section}.distill_weight={s.distill_weight} needs a teacher model")
+    if s.parallel not in ("ddp", "fsdp"):
+        raise KVShareError(f"{s.section}.parallel={s.parallel!r} is not one of: ddp, fsdp")
+    if s.parallel == "fsdp" and dist.world == 1:
+        raise KVShareError(
+            f"{s.section}.parallel=fsdp shards the model over several processes: start them with "
+            f"torchrun --nproc_per_node=N (N >= 2), or use {s.section}.parallel=ddp on one"
+        )
     torch.manual_seed(s.seed)
     windows = Windows(train_tokens, s.seq_len, s.seed, s.section)
     heldout = heldout_windows(val_tokens, s.seq_len, s.eval_windows) if s.eval_windows else None
     total = s.steps
-    model.to(device).train()
+    sharded = s.parallel == "fsdp"
+    if not sharded:  # fully_shard moves each shard to the device: the whole model need not fit one
+        model.to(device)
+    model.train()
 
     def autocast():
         return torch.autocast(device.type, dtype=torch.bfloat16, enabled=s.bf16)
 
+    if s.compile:  # before sharding, so FSDP's hooks stay outside each compiled layer
+        _compile(model, sharded)
+        if teacher is not None:
+            _compile(teacher)
+    objective = _Objective(model, s, autocast)
+    step_fn = objective  # what each micro-batch calls
+    if sharded:
+        _fully_shard(objective, s, device)
+    elif dist.world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        step_fn = DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda" else None)
     opt, sched = _optimizer(model, s, device)
 
     # Everything a resumed run must share with the original for its losses to continue exactly.
     keys = ("seq_len", "global_batch", "lr", "min_lr_fraction", "warmup_fraction", "weight_decay", "betas")
     fp = {k: getattr(s, k) for k in keys} | {"steps": total, "seed": s.seed, "distill": s.distill_weight}
+    if sharded:  # its checkpoints hold shards, not whole state dicts
+        fp["parallel"] = s.parallel
     fp = json.loads(json.dumps({**fp, "train_tokens": len(train_tokens), **(fingerprint or {})}))
     start, tokens_seen, history = 0, 0, {}
     found = latest_checkpoint(s.resume_dir)
@@ -458,21 +561,14 @@ def train(
                 f"{found} was written by a run with other settings ({', '.join(diff)}): "
                 f"restore them, or delete {s.resume_dir} to start afresh"
             )
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
+        if sharded:
+            _load_shards(model, opt, found / SHARDS)
+        else:
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         _set_rng_state(state["rng"], device)
         start, tokens_seen, history = state["step"], state["tokens"], state["history"]
-
-    if s.compile:
-        for net in (model, teacher) if teacher is not None else (model,):
-            _compile(net)
-    objective = _Objective(model, s, autocast)
-    ddp = objective
-    if dist.world > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
-        ddp = DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda" else None)
 
     @torch.no_grad()
     def evaluate() -> float | None:
@@ -510,12 +606,16 @@ def train(
         try:
             for m in range(accum):
                 mb = batch[m * s.micro_batch : (m + 1) * s.micro_batch].to(device, non_blocking=True)
-                sync = dist.world == 1 or m == accum - 1
-                with nullcontext() if sync else ddp.no_sync():
-                    loss, ce, kl = ddp(mb, teacher_of(mb))
+                # DDP reduces the last micro-batch's gradients only; FSDP reduces each one, so that no
+                # unsharded gradient outlives its layer's backward (the memory FSDP is for).
+                defer = dist.world > 1 and not sharded and m < accum - 1
+                with step_fn.no_sync() if defer else nullcontext():
+                    loss, ce, kl = step_fn(mb, teacher_of(mb))
                     (loss / accum).backward()
                 loss_sum, ce_sum, kl_sum = loss_sum + loss.detach(), ce_sum + ce, kl_sum + kl
             norm = torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip)
+            if sharded:  # a DTensor, already reduced over ranks
+                norm = norm.full_tensor()
             stats = _all_mean(torch.stack([loss_sum, ce_sum, kl_sum]) / accum, dist).tolist()
             if not (math.isfinite(stats[0]) and math.isfinite(norm.item())):
                 where = f"the last good checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was written yet"
@@ -553,8 +653,6 @@ def train(
             t_last = time.perf_counter()  # evaluation time is not training throughput
         if s.checkpoint_interval and done % s.checkpoint_interval == 0 and s.resume_dir is not None:
             state = {
-                "model": model.state_dict(),
-                "optimizer": opt.state_dict(),
                 "scheduler": sched.state_dict(),
                 "rng": _rng_state(device),
                 "step": done,
@@ -562,8 +660,14 @@ def train(
                 "history": history,
                 "fingerprint": fp,
             }
-            if dist.main:
-                last_ckpt = _save_checkpoint(Path(s.resume_dir), done, state, s.keep_checkpoints)
+            if sharded:
+                last_ckpt = _save_checkpoint(
+                    Path(s.resume_dir), done, state, s.keep_checkpoints, dist, _shards(model, opt)
+                )
+            else:
+                state |= {"model": model.state_dict(), "optimizer": opt.state_dict()}
+                if dist.main:
+                    last_ckpt = _save_checkpoint(Path(s.resume_dir), done, state, s.keep_checkpoints)
             barrier(dist)
             t_last = time.perf_counter()  # nor is checkpoint time
         if dist.main:
