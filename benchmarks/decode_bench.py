@@ -227,6 +227,7 @@ def predicted_max_batch(model, device, prompt, new, chunk, room) -> tuple[int, d
     a working set (activations of a prefill chunk or a decode step). The probes generate 2 tokens,
     so their cache is shorter; the working set is what they held beyond it.
     """
+    one_run(model, device, 1, min(64, prompt), 2, chunk=chunk, cache_kind="static")  # one-time allocations (cuBLAS)
     b1, b2 = 4, 16
     r1, r2 = (one_run(model, device, b, prompt, 2, chunk=chunk, cache_kind="static") for b in (b1, b2))
     work1, work2 = (r["peak_over_weights"] - r["cache_bytes"] for r in (r1, r2))
@@ -671,19 +672,23 @@ def report(data: dict) -> str:
         "",
         "cache_bytes: kvshare.modeling.cache_bytes of the returned cache; allocated: torch.cuda.memory_allocated "
         "with the cache alive minus before the call (less the output ids); analytic: batch × cached tokens × "
-        "Plan.kv_bytes_per_token(2).",
+        "Plan.kv_bytes_per_token(2). Throughput runs at the largest batch, then the largest max-batch runs.",
         "",
-        "| shape | variant | batch | cached tokens | cache_bytes | allocated | analytic | cache/analytic |",
-        "|---|---|---|---|---|---|---|---|",
+        "| shape | variant | cache | batch | cached tokens | cache_bytes | allocated | analytic | cache/analytic |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in data["throughput"]:
-        if r.get("oom") or r["batch"] != batches[-1] or r["variant"] == "llama (HF)":
+    largest = [r for r in data["throughput"] if not r.get("oom") and r["batch"] == batches[-1]]
+    facts = ("shape", "variant", "kv_bytes_per_token_bf16")
+    largest += [m["run"] | {k: m[k] for k in facts} for m in data["maxbatch"] if m.get("run")]
+    for r in largest:
+        if r["variant"] == "llama (HF)":
             continue
         bpt = r["kv_bytes_per_token_bf16"] * (1 if st["dtype"] == "torch.bfloat16" else 2)
         analytic = r["batch"] * r["cached_tokens"] * bpt
         lines.append(
-            f"| {r['shape']} | {r['variant']} | {r['batch']} | {r['cached_tokens']} | {r['cache_bytes']} | "
-            f"{r.get('alloc_delta_with_cache', '')} | {analytic} | {r['cache_bytes'] / analytic:.4f} |"
+            f"| {r['shape']} | {r['variant']} | {r.get('cache', 'dynamic')} | {r['batch']} | {r['cached_tokens']} | "
+            f"{r['cache_bytes']} | {r.get('alloc_delta_with_cache', '')} | {analytic} | "
+            f"{r['cache_bytes'] / analytic:.4f} |"
         )
     if data.get("errors"):
         lines += ["", "Errors: " + "; ".join(data["errors"])]
