@@ -190,3 +190,5 @@ def test_static_cache_bad_input_names_the_value_and_the_fix(base, shape):
     cache = KVShareStaticCache(model.config, max_cache_len=10, batch_size=3, dtype=torch.float32)
     with pytest.raises(ValueError, match=r"batch_size=3 but got a batch of 2: .*batch_size=2$"):
         model(input_ids=x, past_key_values=cache)
+    with pytest.raises(TypeError, match=r"model_type='llama': .*transformers.StaticCache"):
+        KVShareStaticCache(base.config, max_cache_len=10, batch_size=2, dtype=torch.float32)

@@ -239,6 +239,11 @@ class KVShareStaticCache(Cache):
     """
 
     def __init__(self, config: KVShareLlamaConfig, max_cache_len: int, batch_size: int, dtype, device=None):
+        if not isinstance(config, KVShareLlamaConfig):
+            raise TypeError(
+                f"KVShareStaticCache needs a kvshare_llama config, got model_type={config.model_type!r}: "
+                "for a plain model use transformers.StaticCache"
+            )
         # A layer that reads another's K/V is a StaticLayer that is never written, so never allocated.
         layers = [
             _StaticKV(max_cache_len) if j == i else StaticLayer(max_cache_len) for i, j in enumerate(config.kv_layer)
