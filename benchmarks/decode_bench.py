@@ -24,11 +24,17 @@ and per-step decode time from the same call. Medians over ``--reps`` runs after 
 warm-up. Memory: peak allocated bytes over the weights (torch.cuda.max_memory_allocated).
 Max batch: under a memory cap (torch.cuda.set_per_process_memory_fraction), the prompt
 prefilled in chunks (so the cache, not prefill activations, is what fills memory),
-then generate() continues from that cache; the batch is predicted from the KV size,
-run, and shrunk on OOM; "max batch" is extrapolated from the measured peak.
+then generate() continues from that cache. ``--cache static`` (the default) preallocates
+the whole cache (kvshare.modeling.KVShareStaticCache, prompt + new - 1 tokens) before
+prefill; ``--cache dynamic`` is transformers' DynamicCache, which grows by torch.cat.
+The batch is predicted (static: from two small probe runs, memory being linear in the
+batch; dynamic: from the KV size), run, and shrunk on OOM or grown until one fails;
+"max batch" is also extrapolated from the measured peak.
 
     PYTHONPATH=src python benchmarks/decode_bench.py --out DIR            # GPU
     PYTHONPATH=src python benchmarks/decode_bench.py --smoke --out DIR    # CPU, tiny
+    PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True PYTHONPATH=src python benchmarks/decode_bench.py \
+        --only maxbatch --maxbatch-new 64 --out DIR                       # max batch only (GPU)
     python benchmarks/decode_bench.py --report DIR/decode_bench.json      # table only
 """
 
@@ -48,7 +54,7 @@ import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, LogitsProcessor, LogitsProcessorList
 
 from kvshare.merge import convert_model
-from kvshare.modeling import cache_bytes
+from kvshare.modeling import KVShareStaticCache, cache_bytes
 from kvshare.plan import ModelShape, Plan, cla_pattern
 
 SHAPES = {
@@ -152,7 +158,7 @@ def free(device):
         torch.cuda.empty_cache()
 
 
-def one_run(model, device, batch, prompt, new, seed=0, chunk=None):
+def one_run(model, device, batch, prompt, new, seed=0, chunk=None, cache_kind="dynamic"):
     """One generate() call; timings, memory and cache size."""
     vocab = model.config.vocab_size
     ids = torch.randint(3, vocab, (batch, prompt), generator=torch.Generator().manual_seed(seed)).to(device)
@@ -166,8 +172,11 @@ def one_run(model, device, batch, prompt, new, seed=0, chunk=None):
     t0 = time.perf_counter()
     with torch.no_grad():
         cache = None
-        if chunk:  # prefill all but the last prompt token in chunks; generate() feeds the rest
+        if cache_kind == "static":  # the whole cache, allocated before anything runs
+            cache = KVShareStaticCache(model.config, prompt + new - 1, batch, model.dtype, device)
+        elif chunk:
             cache = DynamicCache(config=model.config)
+        if chunk:  # prefill all but the last prompt token in chunks; generate() feeds the rest
             for s in range(0, prompt - 1, chunk):
                 model(input_ids=ids[:, s : min(s + chunk, prompt - 1)], past_key_values=cache, logits_to_keep=1)
         out = model.generate(
@@ -180,6 +189,7 @@ def one_run(model, device, batch, prompt, new, seed=0, chunk=None):
             return_dict_in_generate=True,
             pad_token_id=0,
             eos_token_id=None,
+            disable_compile=True,  # eager, as with the dynamic cache (a static one would make generate() compile)
         )
     sync(device)
     t1 = time.perf_counter()
@@ -191,6 +201,7 @@ def one_run(model, device, batch, prompt, new, seed=0, chunk=None):
         "prompt": prompt,
         "new": new,
         "chunked_prefill": chunk,
+        "cache": cache_kind,
         "prefill_s": clock.stamps[0] - t0,
         "decode_s": clock.stamps[-1] - clock.stamps[0],
         "step_ms_median": 1e3 * statistics.median(steps) if steps else None,
@@ -207,6 +218,24 @@ def one_run(model, device, batch, prompt, new, seed=0, chunk=None):
     del out, cache
     free(device)
     return rec
+
+
+def predicted_max_batch(model, device, prompt, new, chunk, room) -> tuple[int, dict]:
+    """The largest batch whose peak fits in ``room`` bytes, from two small static-cache runs.
+
+    With a preallocated cache, peak memory is linear in the batch: per sequence, the cache plus
+    a working set (activations of a prefill chunk or a decode step). The probes generate 2 tokens,
+    so their cache is shorter; the working set is what they held beyond it.
+    """
+    one_run(model, device, 1, min(64, prompt), 2, chunk=chunk, cache_kind="static")  # one-time allocations (cuBLAS)
+    b1, b2 = 4, 16
+    r1, r2 = (one_run(model, device, b, prompt, 2, chunk=chunk, cache_kind="static") for b in (b1, b2))
+    work1, work2 = (r["peak_over_weights"] - r["cache_bytes"] for r in (r1, r2))
+    per_seq_work = (work2 - work1) / (b2 - b1)
+    fixed = work1 - b1 * per_seq_work
+    per_seq_cache = r2["cache_bytes"] / b2 / r2["cached_tokens"] * (prompt + new - 1)
+    probe = {"work_per_seq": per_seq_work, "fixed": fixed, "cache_per_seq": per_seq_cache}
+    return int((room - fixed) / (per_seq_cache + per_seq_work)), probe
 
 
 def median_runs(model, device, batch, prompt, new, reps):
@@ -235,7 +264,8 @@ def build(shape_name, dims, variant, device, dtype, base_cache):
 
 
 def environment(device) -> dict:
-    return machine.environment(device) | {"attn_implementation": "sdpa (transformers default)"}
+    alloc = os.environ.get("PYTORCH_CUDA_ALLOC_CONF")
+    return machine.environment(device) | {"attn_implementation": "sdpa (transformers default)", "alloc_conf": alloc}
 
 
 def main() -> None:
@@ -249,12 +279,19 @@ def main() -> None:
     ap.add_argument("--batches", default="1,64,256")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--cap-gib", type=float, default=16.0, help="memory cap for the max-batch runs")
-    ap.add_argument("--chunk", type=int, default=256, help="prefill chunk in the max-batch runs")
-    ap.add_argument("--maxbatch-step", type=float, default=0.05, help="relative batch step of the max-batch search")
+    ap.add_argument("--cache", choices=["static", "dynamic"], default="static", help="KV cache of the max-batch runs")
+    ap.add_argument(
+        "--chunk",
+        type=int,
+        help="prefill chunk in the max-batch runs (default: 32 with the static cache, as its working set scales with "
+        "the chunk; 256 with the dynamic cache, which re-allocates every layer's K/V at each chunk)",
+    )
+    ap.add_argument("--maxbatch-step", type=float, default=0.02, help="relative batch step of the max-batch search")
     ap.add_argument("--maxbatch-tries", type=int, default=6, help="runs per variant in the max-batch search")
     ap.add_argument(
         "--maxbatch-plan",
-        help="run only these max-batch variants, starting from these batches: 'shape:variant=B;shape:variant=B'",
+        help="run only these max-batch variants, in this order, each starting from batch B if given: "
+        "'shape:variant[=B];shape:variant[=B]'",
     )
     ap.add_argument("--budget-s", type=float, default=1e9, help="skip what would start after this many seconds")
     ap.add_argument("--shapes", default="smollm2-135m,mha-12l")
@@ -265,6 +302,8 @@ def main() -> None:
         data = json.loads(Path(args.report).read_text())
         Path(args.report).with_suffix(".md").write_text(report(data))
         return
+    if args.chunk is None:
+        args.chunk = 32 if args.cache == "static" else 256
     if args.smoke:
         args.prompt, args.new, args.maxbatch_new, args.reps, args.chunk = 48, 6, 6, 2, 16
         args.batches = "1,4"
@@ -299,9 +338,9 @@ def main() -> None:
     batches = [int(b) for b in args.batches.split(",")]
     start_batch = {}
     for item in filter(None, (args.maxbatch_plan or "").split(";")):
-        key, _, value = item.rpartition("=")
+        key, _, value = item.partition("=")
         shape_name, _, variant = key.partition(":")
-        start_batch[(shape_name, variant)] = int(value)
+        start_batch[(shape_name, variant)] = int(value) if value else None
     bases: dict = {}
     main_variants = {s: list(variants(s, ModelShape.of(llama_config(dims_of[s]))).keys()) for s in data["shapes"]}
     extra = {s: [v for v in main_variants[s] if "gather" in v] + ["llama (HF)"] for s in main_variants}
@@ -335,15 +374,21 @@ def main() -> None:
         tokens = args.prompt + args.maxbatch_new
         kv_seq = plan.kv_bytes_per_token(2 if dtype == torch.bfloat16 else 4) * tokens
         rec = {"shape": shape_name, "variant": variant, "layout": layout, **plan_facts(plan), "tries": []}
+        rec.update(cache=args.cache, chunk=args.chunk)
         if device.type == "cuda":
             free(device)
             total = torch.cuda.get_device_properties(device).total_memory
             cap = int(args.cap_gib * 2**30)
             weights = torch.cuda.memory_allocated(device)
-            # cache + one layer's copy while the dynamic cache grows + a chunk's activations (rough)
-            per_seq = kv_seq * (1 + 1 / plan.shape.num_layers) + args.chunk * model.config.intermediate_size * 2 * 4
-            b = int(0.97 * (cap - weights - 2**28) / per_seq)
-            b = start_batch.get((shape_name, variant), b)
+            b = start_batch.get((shape_name, variant))
+            if b is None and args.cache == "static":
+                b, rec["probe"] = predicted_max_batch(
+                    model, device, args.prompt, args.maxbatch_new, args.chunk, cap - weights
+                )
+            elif b is None:
+                # cache + one layer's copy while the dynamic cache grows + a chunk's activations (rough)
+                per_seq = kv_seq * (1 + 1 / plan.shape.num_layers) + args.chunk * model.config.intermediate_size * 2 * 4
+                b = int(0.97 * (cap - weights - 2**28) / per_seq)
             torch.cuda.set_per_process_memory_fraction(cap / total, device)
         else:
             cap, weights, b = None, 0, batches[-1]
@@ -354,7 +399,9 @@ def main() -> None:
             # above it) did not: the true limit lies in [ran_b, oom_b).
             for _ in range(args.maxbatch_tries):
                 try:
-                    got = one_run(model, device, b, args.prompt, args.maxbatch_new, chunk=args.chunk)
+                    got = one_run(
+                        model, device, b, args.prompt, args.maxbatch_new, chunk=args.chunk, cache_kind=args.cache
+                    )
                 except torch.OutOfMemoryError:
                     got = None
                 rec["tries"].append({"batch": b, "ok": got is not None})
@@ -558,19 +605,23 @@ def report(data: dict) -> str:
         mst = data.get("maxbatch_settings", st)
         lines += [
             "",
-            f"## Largest batch under a {mst['cap_gib']:g} GiB cap, measured (prompt {mst['prompt']} prefilled in "
-            f"chunks of {mst['chunk']}, + {mst['maxbatch_new']} new tokens)",
+            f"## Largest batch under a {mst['cap_gib']:g} GiB cap, measured ({mst.get('cache', 'dynamic')} cache, "
+            f"prompt {mst['prompt']} prefilled in chunks of {mst['chunk']}, + {mst['maxbatch_new']} new tokens; "
+            f"allocator: {data['env'].get('alloc_conf') or 'default'})",
             "",
             "Cap: torch.cuda.set_per_process_memory_fraction(cap / GPU memory); the cap covers the weights too. "
             "Largest B ran: the largest batch whose whole run (chunked prefill + generate) finished under the cap; "
             "first OOM: the smallest batch above it that ran out of memory (the limit lies between the two; tries in "
             f"steps of {mst.get('maxbatch_step', 0.05)}). × base: largest B ran over base's, against 1 / KV fraction. "
             "Extrapolated: (cap − weights) / measured peak per sequence of the largest run. Unchunked: the same "
-            "from the plain-generate throughput peaks (B=64 and 256, 64 new tokens), for comparison.",
+            "from the plain-generate throughput peaks (B=64 and 256, 64 new tokens), for comparison. Cache and "
+            "overhead per sequence: the cache's bytes and the rest of the peak over the weights, divided by the "
+            "largest batch that ran.",
             "",
             "| shape | variant | KV fraction | 1/KV frac | largest B ran | first OOM B | × base | peak GiB (incl. weights) "
+            "| cache MiB/seq | overhead MiB/seq "
             "| extrapolated max B | × base | decode tok/s at largest B | step ms | unchunked max B (extrap.) | × base |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         # Unchunked prefill (plain generate): per-sequence peak from the two largest throughput batches.
         unchunked = {}
@@ -600,6 +651,10 @@ def report(data: dict) -> str:
                 str(r.get("min_batch_oom") or "not reached"),
                 ratio(ran, b0.get("max_batch_ran")),
                 f"{(run['peak_over_weights'] + r['weights_bytes']) / gib:.2f}" if "peak_over_weights" in run else "",
+                f"{run['cache_bytes'] / ran / 2**20:.1f}" if run else "",
+                f"{(run['peak_over_weights'] - run['cache_bytes']) / ran / 2**20:.2f}"
+                if "peak_over_weights" in run
+                else "",
                 str(m or ""),
                 ratio(m, b0.get("max_batch_extrapolated")),
                 f"{run['decode_tok_s']:.0f}" if run else "",
@@ -617,19 +672,23 @@ def report(data: dict) -> str:
         "",
         "cache_bytes: kvshare.modeling.cache_bytes of the returned cache; allocated: torch.cuda.memory_allocated "
         "with the cache alive minus before the call (less the output ids); analytic: batch × cached tokens × "
-        "Plan.kv_bytes_per_token(2).",
+        "Plan.kv_bytes_per_token(2). Throughput runs at the largest batch, then the largest max-batch runs.",
         "",
-        "| shape | variant | batch | cached tokens | cache_bytes | allocated | analytic | cache/analytic |",
-        "|---|---|---|---|---|---|---|---|",
+        "| shape | variant | cache | batch | cached tokens | cache_bytes | allocated | analytic | cache/analytic |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in data["throughput"]:
-        if r.get("oom") or r["batch"] != batches[-1] or r["variant"] == "llama (HF)":
+    largest = [r for r in data["throughput"] if not r.get("oom") and r["batch"] == batches[-1]]
+    facts = ("shape", "variant", "kv_bytes_per_token_bf16")
+    largest += [m["run"] | {k: m[k] for k in facts} for m in data["maxbatch"] if m.get("run")]
+    for r in largest:
+        if r["variant"] == "llama (HF)":
             continue
         bpt = r["kv_bytes_per_token_bf16"] * (1 if st["dtype"] == "torch.bfloat16" else 2)
         analytic = r["batch"] * r["cached_tokens"] * bpt
         lines.append(
-            f"| {r['shape']} | {r['variant']} | {r['batch']} | {r['cached_tokens']} | {r['cache_bytes']} | "
-            f"{r.get('alloc_delta_with_cache', '')} | {analytic} | {r['cache_bytes'] / analytic:.4f} |"
+            f"| {r['shape']} | {r['variant']} | {r.get('cache', 'dynamic')} | {r['batch']} | {r['cached_tokens']} | "
+            f"{r['cache_bytes']} | {r.get('alloc_delta_with_cache', '')} | {analytic} | "
+            f"{r['cache_bytes'] / analytic:.4f} |"
         )
     if data.get("errors"):
         lines += ["", "Errors: " + "; ".join(data["errors"])]

@@ -2,11 +2,13 @@
 
 import pytest
 import torch
+import transformers.integrations.sdpa_attention as sdpa_attention
+import transformers.models.llama.modeling_llama as modeling_llama
 from transformers import AutoModelForCausalLM
 
 import kvshare  # noqa: F401  (registers kvshare_llama)
 from kvshare.merge import convert_model, to_plain_llama
-from kvshare.modeling import cache_bytes
+from kvshare.modeling import KVShareStaticCache, cache_bytes
 from kvshare.plan import ModelShape, Plan, cla_pattern
 from tests.builders import tiny_llama
 
@@ -109,3 +111,84 @@ def test_training_backward_reaches_shared_kv(base, shape):
     producer = model.model.layers[0].self_attn
     assert producer.k_proj.weight.grad is not None and producer.k_proj.weight.grad.abs().sum() > 0
     assert not hasattr(model.model.layers[1].self_attn, "k_proj")
+
+
+def static_cases(shape):
+    return {"base": Plan.identity(shape)} | {k: plans(shape)[k] for k in ("qcqa-ac", "cla2", "qcqa-ac+cla2")}
+
+
+def greedy(model, x, new, **kwargs):
+    return model.generate(
+        x,
+        attention_mask=torch.ones_like(x),
+        max_new_tokens=new,
+        do_sample=False,
+        return_dict_in_generate=True,
+        output_logits=True,
+        **kwargs,
+    )
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("method", list(static_cases(ModelShape(4, 8, 4, 8))))
+@torch.no_grad()
+def test_static_cache_generation_equals_dynamic_and_uncached(base, shape, method, attn):
+    plan = static_cases(shape)[method]
+    model = convert_model(base, plan)
+    model.config._attn_implementation = attn
+    x, new = tokens(batch=2, length=7), 6
+    max_len = x.shape[1] + new - 1  # the last generated token is never fed back
+    dynamic = greedy(model, x, new)
+    static = KVShareStaticCache(model.config, max_cache_len=max_len, batch_size=2, dtype=torch.float32)
+    analytic = x.shape[0] * max_len * plan.kv_bytes_per_token(dtype_bytes=4)
+    assert cache_bytes(static) == analytic == x.shape[0] * max_len * model.config.cache_bytes_per_token(4)
+    out = greedy(model, x, new, past_key_values=static)
+    # Chunked prefill into a static cache, then generate() feeds the last prompt token.
+    chunked = KVShareStaticCache(model.config, max_cache_len=max_len, batch_size=2, dtype=torch.float32)
+    for s in range(0, x.shape[1] - 1, 3):
+        model(input_ids=x[:, s : min(s + 3, x.shape[1] - 1)], past_key_values=chunked)
+    after_chunks = greedy(model, x, new, past_key_values=chunked)
+    seq = x
+    for _ in range(new):
+        seq = torch.cat([seq, model(seq, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)], 1)
+    for run in (out, after_chunks):
+        assert torch.equal(run.sequences, dynamic.sequences) and torch.equal(run.sequences, seq)
+        for a, b in zip(run.logits, dynamic.logits, strict=True):
+            assert torch.allclose(a, b, atol=1e-5, rtol=0)
+        assert run.past_key_values is not None and cache_bytes(run.past_key_values) == analytic
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@torch.no_grad()
+def test_grouped_attention_never_repeats_kv_per_query_head(base, shape, attn, monkeypatch):
+    """Prefill in chunks (masked) and decode into a static cache: K/V reach the backend with their own heads."""
+    real = modeling_llama.repeat_kv
+
+    def no_copies(hidden, n_rep):
+        assert n_rep == 1, f"K/V repeated {n_rep}x per query head"
+        return real(hidden, n_rep)
+
+    monkeypatch.setattr(modeling_llama, "repeat_kv", no_copies)
+    monkeypatch.setattr(sdpa_attention, "repeat_kv", no_copies)
+    for method in ("base", "qcqa-ac+cla2"):
+        model = convert_model(base, static_cases(shape)[method])
+        model.config._attn_implementation = attn
+        x = tokens(batch=2, length=7)
+        cache = KVShareStaticCache(model.config, max_cache_len=10, batch_size=2, dtype=torch.float32)
+        model(input_ids=x[:, :3], past_key_values=cache)
+        greedy(model, x, 4, past_key_values=cache)
+
+
+@torch.no_grad()
+def test_static_cache_bad_input_names_the_value_and_the_fix(base, shape):
+    model = convert_model(base, plans(shape)["qcqa-ac+cla2"])
+    x = tokens(batch=2, length=7)
+    cache = KVShareStaticCache(model.config, max_cache_len=10, batch_size=2, dtype=torch.float32)
+    with pytest.raises(ValueError, match=r"max_cache_len=10 .* needs 11: .*max_cache_len >= prompt \+ new") as err:
+        greedy(model, x, 5, past_key_values=cache)
+    assert "\n" not in str(err.value)
+    cache = KVShareStaticCache(model.config, max_cache_len=10, batch_size=3, dtype=torch.float32)
+    with pytest.raises(ValueError, match=r"batch_size=3 but got a batch of 2: .*batch_size=2$"):
+        model(input_ids=x, past_key_values=cache)
+    with pytest.raises(TypeError, match=r"model_type='llama': .*transformers.StaticCache"):
+        KVShareStaticCache(base.config, max_cache_len=10, batch_size=2, dtype=torch.float32)

@@ -10,11 +10,14 @@ The model is transformers' Llama with each attention module swapped for
 
 The cache therefore holds exactly the K/V the plan promises: one entry per
 storing layer, with that layer's own KV heads (never per-query-head copies).
-Contiguous equal groups take the native GQA path of the attention backend.
-Other mappings never copy K/V: the query heads are regrouped by KV head and
-padded to the largest group, so the backend sees equal groups; when one token
-is decoded (sdpa, eager) each group's query heads instead become query rows of
-its KV head, so each KV head is read once per step whatever the group sizes.
+:class:`KVShareStaticCache` preallocates those entries for a batch and a
+maximum length, so a cache never grows or re-allocates during generation.
+Attention never copies K/V per query head either: unequal or scattered groups
+are regrouped by KV head and padded to the largest group, so the backend sees
+equal groups, which it shares natively (sdpa's GQA, when there is no mask).
+Where sdpa or eager would instead repeat K/V per query head (a mask: chunked
+prefill, a static cache, padding), one decoded token's group becomes query rows
+of its KV head, and a longer input attends once per group member.
 
 This module imports only torch and transformers so it can be shipped beside a
 checkpoint as remote code (``trust_remote_code=True``); importing ``kvshare``
@@ -25,7 +28,8 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, LlamaConfig, LlamaForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, Cache, DynamicCache, LlamaConfig, LlamaForCausalLM
+from transformers.cache_utils import StaticLayer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, eager_attention_forward, rotate_half
 
@@ -82,17 +86,17 @@ class SharedKVAttention(nn.Module):
         heads, hidden, bias = config.num_attention_heads, config.hidden_size, config.attention_bias
         q_to_kv = config.q_to_kv[layer_idx]
         self.n_kv = max(q_to_kv) + 1
-        group = _equal_contiguous(q_to_kv)
-        # Backends read num_key_value_groups to share K/V heads among query heads.
-        self.num_key_value_groups = group or 1
-        self._q_to_kv = None if group is not None else list(q_to_kv)
-        # Unequal or non-contiguous groups: query head slots, KV head by KV head, each padded to the largest group.
+        # Query heads per KV head as the backend sees them (num_key_value_groups, set per call).
         self._gmax = max(q_to_kv.count(g) for g in range(self.n_kv))
-        slots = []
-        for g in range(self.n_kv):
-            members = [h for h, k in enumerate(q_to_kv) if k == g]
-            slots += members + members[:1] * (self._gmax - len(members))
-        self._slots, self._unslots = slots, [slots.index(h) for h in range(heads)]
+        self.num_key_value_groups = self._gmax
+        self._q_to_kv, self._slots, self._unslots = None, None, None
+        if _equal_contiguous(q_to_kv) is None:
+            # Unequal or non-contiguous groups: query head slots, KV head by KV head, each padded to the largest group.
+            slots = []
+            for g in range(self.n_kv):
+                members = [h for h, k in enumerate(q_to_kv) if k == g]
+                slots += members + members[:1] * (self._gmax - len(members))
+            self._q_to_kv, self._slots, self._unslots = list(q_to_kv), slots, [slots.index(h) for h in range(heads)]
         # "pad" (the default, above) or "gather": copy each query head's K/V head before attention (slower; a reference).
         self.kv_layout = "pad"
         # Not buffers: from_pretrained builds modules on the meta device and would leave them unset.
@@ -120,37 +124,37 @@ class SharedKVAttention(nn.Module):
             shared = past_key_values.layers[self.kv_layer]
             key, value = shared.keys, shared.values
         impl = self.config._attn_implementation
-        batch, q_len = query.shape[0], query.shape[2]
-        layout = None if self._q_to_kv is None else self.kv_layout
-        if layout == "gather":
+        batch, q_len, d = query.shape[0], query.shape[2], self.head_dim
+        groups = self._gmax
+        if self._slots is not None and self.kv_layout == "gather":
             index = self._indices("gather", self._q_to_kv, key.device)
             key, value = key.index_select(1, index), value.index_select(1, index)
-            self.num_key_value_groups = 1
-        elif layout == "pad":
+            groups = 1
+        elif self._slots is not None:
             query = query.index_select(1, self._indices("slots", self._slots, query.device))
-            self.num_key_value_groups = self._gmax
-            if q_len == 1 and impl in ("sdpa", "eager"):
-                # One query token sees every cached key: a group's query heads become its KV head's query rows.
-                layout = "pack"
-                query = query.view(batch, self.n_kv, self._gmax, self.head_dim)
-                self.num_key_value_groups = 1
-                kwargs = {**kwargs, "is_causal": False}
         attention = ALL_ATTENTION_FUNCTIONS.get_interface(impl, eager_attention_forward)
-        out, weights = attention(
-            self,
-            query,
-            key,
-            value,
-            attention_mask,
-            dropout=0.0 if not self.training else self.attention_dropout,
-            scaling=self.scaling,
-            **kwargs,
-        )
-        if layout in ("pad", "pack"):
+
+        def attend(q, n_groups, mask, **extra):
+            self.num_key_value_groups = n_groups
+            dropout = 0.0 if not self.training else self.attention_dropout
+            return attention(self, q, key, value, mask, dropout=dropout, scaling=self.scaling, **kwargs, **extra)
+
+        # sdpa with a mask, and eager always, would copy K/V per query head (repeat_kv) for groups > 1.
+        no_repeat = groups > 1 and impl in ("sdpa", "eager")
+        if no_repeat and q_len == 1:
+            # One query token sees every cached key: a group's query heads become its KV head's query rows.
+            out, weights = attend(query.reshape(batch, self.n_kv, groups, d), 1, attention_mask, is_causal=False)
+            out = out.transpose(1, 2).reshape(batch, 1, -1, d)  # (batch, groups, n_kv, d) → slot order
+            weights = None if weights is None else weights.reshape(batch, -1, 1, weights.shape[-1])
+        elif no_repeat and attention_mask is not None:
+            # Attend once per group member (the j-th query head of every group): K/V and mask are read as they are.
+            parts = [attend(query[:, j::groups], 1, attention_mask) for j in range(groups)]
+            out = torch.stack([o for o, _ in parts], 3).reshape(batch, q_len, -1, d)
+            weights = None if parts[0][1] is None else torch.stack([w for _, w in parts], 2).flatten(1, 2)
+        else:
+            out, weights = attend(query, groups, attention_mask)
+        if self._slots is not None and self.kv_layout != "gather":
             unslots = self._indices("unslots", self._unslots, out.device)
-            if layout == "pack":  # (batch, gmax, n_kv, d) → (batch, 1, n_kv * gmax, d)
-                out = out.transpose(1, 2).reshape(batch, 1, -1, self.head_dim)
-                weights = None if weights is None else weights.reshape(batch, -1, 1, weights.shape[-1])
             out = out.index_select(2, unslots)
             weights = None if weights is None else weights.index_select(1, unslots)
         return self.o_proj(out.reshape(*input_shape, -1).contiguous()), weights
@@ -191,14 +195,70 @@ class KVShareLlamaForCausalLM(LlamaForCausalLM):
         return super().forward(input_ids=input_ids, past_key_values=past_key_values, use_cache=use_cache, **kwargs)
 
 
+class _StaticKV(StaticLayer):
+    """transformers' StaticLayer (K/V written in place) that names what is wrong instead of an index error.
+
+    Writing past the end would otherwise fail inside index_copy_ (on CUDA, a device-side assert
+    that takes the process down). The length is kept as a Python int so checking it needs no
+    device sync.
+    """
+
+    def __init__(self, max_cache_len: int):
+        super().__init__(max_cache_len)
+        self.length = 0
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        end = self.length + key_states.shape[-2]
+        if end > self.max_cache_len:
+            raise ValueError(
+                f"the static KV cache holds max_cache_len={self.max_cache_len} tokens but this step needs {end}: "
+                "build KVShareStaticCache with max_cache_len >= prompt + new tokens"
+            )
+        if key_states.shape[0] != self.batch_size:
+            raise ValueError(
+                f"the static KV cache was built for batch_size={self.batch_size} but got a batch of "
+                f"{key_states.shape[0]}: build KVShareStaticCache with batch_size={key_states.shape[0]}"
+            )
+        self.length = end
+        return super().update(key_states, value_states, *args, **kwargs)
+
+    def reset(self) -> None:
+        super().reset()
+        self.length = 0
+
+
+class KVShareStaticCache(Cache):
+    """A preallocated KV cache for a kvshare model (pass it to ``generate`` or ``forward`` as ``past_key_values``).
+
+    Each storing layer gets one ``[batch_size, n_kv(layer), max_cache_len, head_dim]`` K and V
+    buffer, allocated here and written in place; a layer that reuses another's K/V (CLA) holds
+    nothing. So it holds ``batch_size × max_cache_len × config.cache_bytes_per_token(dtype bytes)``
+    bytes from the start, and generation never re-allocates it. Layers are transformers'
+    StaticLayer, whose shapes come from the tensors they are initialised with, so each layer has
+    its own KV-head count.
+    """
+
+    def __init__(self, config: KVShareLlamaConfig, max_cache_len: int, batch_size: int, dtype, device=None):
+        if not isinstance(config, KVShareLlamaConfig):
+            raise TypeError(
+                f"KVShareStaticCache needs a kvshare_llama config, got model_type={config.model_type!r}: "
+                "for a plain model use transformers.StaticCache"
+            )
+        # A layer that reads another's K/V is a StaticLayer that is never written, so never allocated.
+        layers = [
+            _StaticKV(max_cache_len) if j == i else StaticLayer(max_cache_len) for i, j in enumerate(config.kv_layer)
+        ]
+        super().__init__(layers=layers)
+        for i, layer in enumerate(self.layers):
+            if isinstance(layer, _StaticKV):
+                empty = torch.empty(batch_size, config.n_kv(i), 0, config.head_dim, dtype=dtype, device=device)
+                layer.lazy_initialization(empty, empty)
+
+
 def cache_bytes(cache) -> int:
-    """Bytes of K/V tensors a transformers cache holds right now."""
-    total = 0
-    for layer in cache.layers:
-        if getattr(layer, "is_initialized", False):
-            total += layer.keys.numel() * layer.keys.element_size()
-            total += layer.values.numel() * layer.values.element_size()
-    return total
+    """Bytes of K/V tensors a transformers cache holds right now (a static cache: all of its buffers)."""
+    tensors = [t for layer in cache.layers for t in (getattr(layer, "keys", None), getattr(layer, "values", None))]
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
 AutoConfig.register(KVShareLlamaConfig.model_type, KVShareLlamaConfig, exist_ok=True)
