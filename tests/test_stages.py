@@ -94,6 +94,9 @@ def test_plot_is_written(tmp_path):
     )
     plot(df, "perplexity", tmp_path / "p.png", log_y=True)
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+    # A study without zero-shot tasks still gets its accuracy plot, saying so.
+    plot(df.assign(zeroshot_avg=np.nan), "zeroshot_avg", tmp_path / "a.png", log_y=False)
+    assert (tmp_path / "a.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_papers_comparisons_on_hand_made_points():
@@ -144,6 +147,10 @@ def test_seed_means_and_cla_table():
     assert table.paper_ppl_vs_mha["mqa+cla2"] == pytest.approx(13.60 / 13.15)
     assert table.paper_kv_fraction["mqa"] == pytest.approx(1 / 16)
     assert "CLA's Table 1" in report(df)
+    # Without the MHA model's own evaluation, its identity conversion stands in.
+    base = pd.DataFrame([{"model": "m", "variant": "converted", "method": "base", "perplexity": 10.0}])
+    alone = pd.concat([df[df.method != "mha"], base], ignore_index=True)
+    assert cla_table1(alone).set_index("layout").ppl_vs_mha["mqa+cla2"] == pytest.approx(1.2)
 
 
 def test_strided_perplexity_scores_each_token_once_with_more_context():

@@ -44,19 +44,19 @@ def _family(method: str) -> str:
 
 def seed_means(df: pd.DataFrame) -> pd.DataFrame:
     """Rows of ``<name>-s<seed>`` methods replaced by one row per name and KV size: the mean over seeds, with
-    ``<quality>_sd`` and ``seeds``; other rows keep ``seeds`` = 1."""
+    ``<quality>_sd``, ``seeds`` and ``seeded``; other rows keep ``seeds`` = 1."""
     names = df.method.str.extract(SEED)["name"]
     single = df[names.isna()].assign(seeds=1)
     seeded = df[names.notna()].assign(method=names[names.notna()])
     if seeded.empty:
-        return single
+        return single.assign(seeded=False)
     keys = ["model", "variant", "method", "kv_bytes_per_token"]
     quality = [q for q in QUALITY if q in df]
     grouped = seeded.groupby(keys)
     means = grouped[[*quality, *(c for c in ("wse_total", "kv_fraction") if c in df)]].mean()
     sds = grouped[quality].std().add_suffix("_sd")
-    agg = pd.concat([means, sds, grouped.size().rename("seeds")], axis=1).reset_index()
-    return pd.concat([single, agg], ignore_index=True)
+    agg = pd.concat([means, sds, grouped.size().rename("seeds")], axis=1).reset_index().assign(seeded=True)
+    return pd.concat([single.assign(seeded=False), agg], ignore_index=True)
 
 
 def matched(df: pd.DataFrame, a: str, b: str) -> pd.DataFrame:
@@ -64,7 +64,7 @@ def matched(df: pd.DataFrame, a: str, b: str) -> pd.DataFrame:
     fam = df.method.map(_family)
     keys = ["model", "variant", "kv_bytes_per_token"]
     left, right = df[fam == a], df[fam == b]
-    cols = keys + ["method", *[q for q in QUALITY if q in df]]
+    cols = keys + ["method", *[q for q in QUALITY if q in df], *(["seeds"] if "seeds" in df else [])]
     out = left[cols].merge(right[cols], on=keys, suffixes=(f"_{a}", f"_{b}"))
     for q in QUALITY:
         if f"{q}_{a}" in out:
@@ -109,12 +109,22 @@ def wse_rank_correlation(df: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def seed_table(means: pd.DataFrame) -> pd.DataFrame:
+    """The seeded baselines' rows of :func:`seed_means`, with their quality means and standard deviations."""
+    quality = [c for q in QUALITY for c in (q, f"{q}_sd") if c in means]
+    cols = ["model", "variant", "method", "kv_bytes_per_token", "seeds", *quality]
+    return means[means.seeded].reindex(columns=cols)
+
+
 def cla_table1(df: pd.DataFrame) -> pd.DataFrame:
     """Models pretrained from scratch: KV bytes and perplexity, each relative to the MHA model's, beside CLA's
-    Table 1 rows of the same layout name."""
+    Table 1 rows of the same layout name. The MHA model's perplexity is its own evaluation, or else that of
+    its identity conversion (method ``base``), which has the same weights."""
     rows = []
     for model, part in df[df.variant == "pretrained"].groupby("model"):
         mha = part[part.method == "mha"].perplexity
+        if mha.empty:
+            mha = df[(df.model == model) & (df.method == "base") & (df.variant == "converted")].perplexity
         paper_mha = CLA_TABLE1["mha"]
         for _, r in part.sort_values("kv_bytes_per_token", ascending=False).iterrows():
             name, paper_bytes, paper_ppl = CLA_TABLE1.get(r.method, ("", float("nan"), float("nan")))
@@ -147,7 +157,7 @@ def report(df: pd.DataFrame) -> str:
         ("CLA-only against MQA at equal KV bytes", matched(means, "cla", "mqa")),
         ("CLA-only against GQA at equal KV bytes", matched(means, "cla", "gqa")),
         ("Pretrained from scratch, in the form of CLA's Table 1 (paper: 1B, 20 layers, H128)", cla_table1(df)),
-        ("Random grouping over seeds", means[means.seeds > 1]),
+        ("Random grouping: mean and standard deviation over seeds", seed_table(means)),
         ("Rank correlation of WSE with measured quality (every seed a variant)", wse_rank_correlation(df)),
     ]
     parts = []

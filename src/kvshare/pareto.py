@@ -64,15 +64,25 @@ def plot(df: pd.DataFrame, quality: str, path: Path, log_y: bool) -> None:
 
     variants = sorted(df.variant.unique())
     fig, axes = plt.subplots(1, len(variants), figsize=(6 * len(variants), 4.5), squeeze=False, sharey=True)
+    if df[quality].isna().all():  # e.g. a study run without zero-shot tasks: say so rather than fail
+        for ax in axes[0]:
+            ax.text(0.5, 0.5, f"no {quality.replace('_', ' ')} measured in this study", ha="center", va="center")
+            ax.set_axis_off()
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=120)
+        plt.close(fig)
+        return
+    # One colour per method in every panel; a seeded baseline's seeds share it ("random-s1" -> "random").
+    labels = df.method.str.replace(r"-s[0-9]+$", "", regex=True)
+    names = sorted(labels.unique())
+    cmap = plt.get_cmap("tab10" if len(names) <= 10 else "tab20")
+    colours = {m: cmap(i % cmap.N) for i, m in enumerate(names)}
     for ax, variant in zip(axes[0], variants, strict=True):
         part = df[df.variant == variant]
-        # A seeded baseline's seeds share one colour: "random-s0", "random-s1" -> "random".
-        for method, pts in part.groupby(part.method.str.replace(r"-s[0-9]+$", "", regex=True)):
-            ax.scatter(pts.kv_bytes_per_token, pts[quality], label=method, s=40)
+        for method, pts in part.groupby(labels[part.index]):
+            ax.scatter(pts.kv_bytes_per_token, pts[quality], color=colours[method], s=40)
         front = part[part[f"front_{quality}"]].sort_values("kv_bytes_per_token")
-        ax.step(
-            front.kv_bytes_per_token, front[quality], where="post", color="k", lw=1, alpha=0.6, label="Pareto front"
-        )
+        ax.step(front.kv_bytes_per_token, front[quality], where="post", color="k", lw=1, alpha=0.6)
         ax.set_xscale("log")
         if log_y:
             ax.set_yscale("log")
@@ -80,7 +90,9 @@ def plot(df: pd.DataFrame, quality: str, path: Path, log_y: bool) -> None:
         ax.set_title(f"{variant}")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel(quality.replace("_", " "))
-    axes[0][-1].legend(fontsize=8)
+    handles = [plt.Line2D([], [], ls="", marker="o", color=c, label=m) for m, c in colours.items()]
+    handles.append(plt.Line2D([], [], color="k", alpha=0.6, label="Pareto front"))
+    axes[0][-1].legend(handles=handles, fontsize=8)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=120)
