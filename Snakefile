@@ -25,6 +25,9 @@ if not workflow.overwrite_configfiles:
     configfile: "workflow/config/smoke.yaml"
 
 
+# --config passes text: `finetune=false` arrives as "false".
+if str(config.get("finetune")).lower() in ("true", "false"):
+    config["finetune"] = str(config["finetune"]).lower() == "true"
 validate(config, "workflow/schemas/config.schema.yaml")
 
 # One id per `snakemake` call, inherited by every job: MLflow groups an invocation's runs by it.

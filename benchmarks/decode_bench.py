@@ -552,55 +552,58 @@ def report(data: dict) -> str:
         f"{env['attn_implementation']}, dtype {st['dtype']}.",
         f"Command: `{env['argv']}`",
         f"Throughput runs: prompt {st['prompt']} + {st['new']} new tokens, greedy `generate()`, dynamic cache, "
-        f"median of {st['reps']} after a warm-up. Random weights: speed and memory depend on shapes only.",
+        f"median of {st['reps']} after a warm-up. Random weights: speed and memory depend on shapes only."
+        if data["throughput"]
+        else "Random weights: speed and memory depend on shapes only.",
         "",
     ]
     if data.get("notes"):
         lines += ["## Notes", ""] + [f"- {n}" for n in data["notes"]] + [""]
-    lines += ["## Decode tokens/s (median) and peak memory over the weights", ""]
-    batches = sorted({r["batch"] for r in data["throughput"]})
-    head = "| shape | variant | stored KV heads | KV bytes/token | " + " | ".join(f"tok/s B={b}" for b in batches)
-    head += f" | step ms B={batches[-1] if batches else ''} | prefill s B={batches[-1] if batches else ''}"
-    head += f" | peak GiB B={batches[-1] if batches else ''} |"
-    lines += [head, "|" + "---|" * (head.count("|") - 1)]
     rows: dict = {}
     for r in data["throughput"]:
         rows.setdefault((r["shape"], r["variant"]), {})[r["batch"]] = r
-    for (shape, variant), by_b in rows.items():
-        any_r = next(iter(by_b.values()))
-        cells = [shape, variant, str(any_r["stored_kv_heads"]), str(any_r["kv_bytes_per_token_bf16"])]
-        for b in batches:
-            r = by_b.get(b)
-            cells.append("OOM" if r and r.get("oom") else f"{r['decode_tok_s']:.0f}" if r else "")
-        last = by_b.get(batches[-1], {})
-        ok = last and not last.get("oom")
-        cells.append(f"{last['step_ms_median']:.2f}" if ok else "")
-        cells.append(f"{last['prefill_s']:.3f}" if ok else "")
-        cells.append(f"{last['peak_over_weights'] / gib:.2f}" if ok and "peak_over_weights" in last else "")
-        lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "## Same-KV comparisons (decode tokens/s ratio)", ""]
-    pairs = [
-        ("smollm2-135m", "qcqa-ac-2/3", "gqa-2/3"),
-        ("smollm2-135m", "qcqa-ec-2/3", "gqa-2/3"),
-        ("smollm2-135m", "qcqa-ac-2/3", "qcqa-ac-2/3 (gather)"),
-        ("mha-12l", "qcqa-ac-4", "gqa-4"),
-        ("mha-12l", "qcqa-ec-4", "gqa-4"),
-        ("mha-12l", "qcqa-ac-4", "qcqa-ac-4 (gather)"),
-        ("smollm2-135m", "base", "llama (HF)"),
-        ("mha-12l", "base", "llama (HF)"),
-    ]
-    lines += ["| shape | A | B | " + " | ".join(f"A/B B={b}" for b in batches) + " |"]
-    lines += ["|" + "---|" * (3 + len(batches))]
-    for shape, a, b in pairs:
-        ra, rb = rows.get((shape, a)), rows.get((shape, b))
-        if not ra or not rb:
-            continue
-        cells = []
-        for bt in batches:
-            x, y = ra.get(bt), rb.get(bt)
-            ok = x and y and not x.get("oom") and not y.get("oom")
-            cells.append(f"{x['decode_tok_s'] / y['decode_tok_s']:.3f}" if ok else "")
-        lines.append(f"| {shape} | {a} | {b} | " + " | ".join(cells) + " |")
+    batches = sorted({r["batch"] for r in data["throughput"]})
+    if data["throughput"]:  # a --only maxbatch run has no throughput tables
+        lines += ["## Decode tokens/s (median) and peak memory over the weights", ""]
+        head = "| shape | variant | stored KV heads | KV bytes/token | " + " | ".join(f"tok/s B={b}" for b in batches)
+        head += f" | step ms B={batches[-1] if batches else ''} | prefill s B={batches[-1] if batches else ''}"
+        head += f" | peak GiB B={batches[-1] if batches else ''} |"
+        lines += [head, "|" + "---|" * (head.count("|") - 1)]
+        for (shape, variant), by_b in rows.items():
+            any_r = next(iter(by_b.values()))
+            cells = [shape, variant, str(any_r["stored_kv_heads"]), str(any_r["kv_bytes_per_token_bf16"])]
+            for b in batches:
+                r = by_b.get(b)
+                cells.append("OOM" if r and r.get("oom") else f"{r['decode_tok_s']:.0f}" if r else "")
+            last = by_b.get(batches[-1], {})
+            ok = last and not last.get("oom")
+            cells.append(f"{last['step_ms_median']:.2f}" if ok else "")
+            cells.append(f"{last['prefill_s']:.3f}" if ok else "")
+            cells.append(f"{last['peak_over_weights'] / gib:.2f}" if ok and "peak_over_weights" in last else "")
+            lines.append("| " + " | ".join(cells) + " |")
+        lines += ["", "## Same-KV comparisons (decode tokens/s ratio)", ""]
+        pairs = [
+            ("smollm2-135m", "qcqa-ac-2/3", "gqa-2/3"),
+            ("smollm2-135m", "qcqa-ec-2/3", "gqa-2/3"),
+            ("smollm2-135m", "qcqa-ac-2/3", "qcqa-ac-2/3 (gather)"),
+            ("mha-12l", "qcqa-ac-4", "gqa-4"),
+            ("mha-12l", "qcqa-ec-4", "gqa-4"),
+            ("mha-12l", "qcqa-ac-4", "qcqa-ac-4 (gather)"),
+            ("smollm2-135m", "base", "llama (HF)"),
+            ("mha-12l", "base", "llama (HF)"),
+        ]
+        lines += ["| shape | A | B | " + " | ".join(f"A/B B={b}" for b in batches) + " |"]
+        lines += ["|" + "---|" * (3 + len(batches))]
+        for shape, a, b in pairs:
+            ra, rb = rows.get((shape, a)), rows.get((shape, b))
+            if not ra or not rb:
+                continue
+            cells = []
+            for bt in batches:
+                x, y = ra.get(bt), rb.get(bt)
+                ok = x and y and not x.get("oom") and not y.get("oom")
+                cells.append(f"{x['decode_tok_s'] / y['decode_tok_s']:.3f}" if ok else "")
+            lines.append(f"| {shape} | {a} | {b} | " + " | ".join(cells) + " |")
     if data["maxbatch"]:
         mst = data.get("maxbatch_settings", st)
         lines += [

@@ -73,6 +73,9 @@ def test_dry_run_lists_every_stage(workflow_copy, tmp_path):
     out = snakemake(workflow_copy, tmp_path, "-n").stdout
     for stage in STAGES:
         assert f"rule {stage}:" in out
+    # Switches given on the command line arrive as text.
+    out = snakemake(workflow_copy, tmp_path, "-n", "--config", "finetune=false").stdout
+    assert "rule evaluate:" in out and "rule finetune:" not in out
 
 
 def test_dag_leaves_pareto_table_plot_and_a_run_per_job(done):
