@@ -172,9 +172,8 @@ def _ddp_rank(rank: int, world: int, port: int, out: str) -> None:
     torch.distributed.destroy_process_group()
 
 
-@pytest.mark.slow
-def test_two_ranks_under_ddp_give_the_single_process_losses(tmp_path):
-    import json
+def _spawn_two(rank_fn, out: str) -> None:
+    """Run ``rank_fn(rank, world, port, out)`` on two gloo processes, on a free local port."""
     import socket
 
     import torch.multiprocessing as mp
@@ -182,8 +181,15 @@ def test_two_ranks_under_ddp_give_the_single_process_losses(tmp_path):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
+    mp.spawn(rank_fn, args=(2, port, out), nprocs=2)
+
+
+@pytest.mark.slow
+def test_two_ranks_under_ddp_give_the_single_process_losses(tmp_path):
+    import json
+
     out = tmp_path / "ddp.json"
-    mp.spawn(_ddp_rank, args=(2, port, str(out)), nprocs=2)
+    _spawn_two(_ddp_rank, str(out))
     ddp = {int(k): v for k, v in json.loads(out.read_text()).items()}
     s = TrainSettings(seq_len=32, micro_batch=1, global_batch=4, max_steps=3, lr=3e-3, progress=False)
     single = {}
@@ -249,14 +255,8 @@ def _fsdp_rank(rank: int, world: int, port: int, out: str) -> None:
 @pytest.mark.slow
 def test_two_ranks_under_fsdp_give_the_single_process_losses_and_resume_exactly(tmp_path):
     import json
-    import socket
 
-    import torch.multiprocessing as mp
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    mp.spawn(_fsdp_rank, args=(2, port, str(tmp_path)), nprocs=2)
+    _spawn_two(_fsdp_rank, str(tmp_path))
     fsdp = json.loads((tmp_path / "fsdp.json").read_text())
     killed = {int(k): v for k, v in fsdp["killed"].items()}
     resumed = {int(k): v for k, v in fsdp["resumed"].items()}
