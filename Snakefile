@@ -26,8 +26,9 @@ if not workflow.overwrite_configfiles:
 
 
 # --config passes text: `finetune=false` arrives as "false".
-if str(config.get("finetune")).lower() in ("true", "false"):
-    config["finetune"] = str(config["finetune"]).lower() == "true"
+for switch in ("finetune", "partial"):
+    if str(config.get(switch)).lower() in ("true", "false"):
+        config[switch] = str(config[switch]).lower() == "true"
 validate(config, "workflow/schemas/config.schema.yaml")
 
 # One id per `snakemake` call, inherited by every job: MLflow groups an invocation's runs by it.

@@ -69,6 +69,17 @@ def test_from_scratch_study_pretrains_layouts_and_searches_the_mha_model(workflo
     assert sorted(evaluated["tags.kvshare.variant"]) == ["converted", "pretrained", "pretrained"]
 
 
+def test_partial_study_tables_from_the_metrics_that_exist(workflow_copy, done, tmp_path):
+    work = tmp_path / "copy"
+    shutil.copytree(done, work, ignore=shutil.ignore_patterns(".snakemake"))
+    (work / "results" / "tiny" / "metrics" / "tiny" / "gqa" / "0.5" / "finetuned.json").unlink()
+    args = ("--config", "partial=true", "--allowed-rules", "pareto", "--forcerun", "pareto")
+    out = snakemake(workflow_copy, work, *args).stderr
+    assert "rule evaluate" not in out and "rule finetune" not in out
+    table = (work / "results" / "tiny" / "pareto.csv").read_text().splitlines()
+    assert len(table) - 1 == 7  # 4 variants x (converted, finetuned), less the one removed
+
+
 def test_dry_run_lists_every_stage(workflow_copy, tmp_path):
     out = snakemake(workflow_copy, tmp_path, "-n").stdout
     for stage in STAGES:
