@@ -21,7 +21,7 @@ import pandas as pd
 from omegaconf import DictConfig
 
 from kvshare.cli import entry
-from kvshare.comparisons import report
+from kvshare.comparisons import SEED, report
 from kvshare.errors import KVShareError
 from kvshare.fronts import front_table
 from kvshare.io import atomic_path, atomic_write_text
@@ -73,7 +73,7 @@ def plot(df: pd.DataFrame, quality: str, path: Path, log_y: bool) -> None:
         plt.close(fig)
         return
     # One colour per method in every panel; a seeded baseline's seeds share it ("random-s1" -> "random").
-    labels = df.method.str.replace(r"-s[0-9]+$", "", regex=True)
+    labels = df.method.str.extract(SEED)["name"].fillna(df.method)
     names = sorted(labels.unique())
     cmap = plt.get_cmap("tab10" if len(names) <= 10 else "tab20")
     colours = {m: cmap(i % cmap.N) for i, m in enumerate(names)}
