@@ -238,8 +238,8 @@ def predicted_max_batch(model, device, prompt, new, chunk, room) -> tuple[int, d
     return int((room - fixed) / (per_seq_cache + per_seq_work)), probe
 
 
-def median_runs(model, device, batch, prompt, new, reps):
-    runs = [one_run(model, device, batch, prompt, new, seed=r) for r in range(reps)]
+def median_runs(model, device, batch, prompt, new, reps, cache_kind="dynamic"):
+    runs = [one_run(model, device, batch, prompt, new, seed=r, cache_kind=cache_kind) for r in range(reps)]
     med = {k: statistics.median([r[k] for r in runs]) for k in runs[0] if isinstance(runs[0][k], float)}
     return {**runs[0], **med, "reps": reps, "decode_tok_s_all": [r["decode_tok_s"] for r in runs]}
 
@@ -295,6 +295,10 @@ def main() -> None:
     )
     ap.add_argument("--budget-s", type=float, default=1e9, help="skip what would start after this many seconds")
     ap.add_argument("--shapes", default="smollm2-135m,mha-12l")
+    ap.add_argument("--variants", help="comma-separated variant names to run (default: all of each shape)")
+    ap.add_argument(
+        "--throughput-cache", choices=["static", "dynamic"], default="dynamic", help="KV cache of the throughput runs"
+    )
     ap.add_argument("--only", choices=["throughput", "maxbatch"], help="run one phase (maxbatch: gather rows too)")
     ap.add_argument("--report", help="only write the markdown table from this JSON")
     args = ap.parse_args()
@@ -345,16 +349,19 @@ def main() -> None:
     main_variants = {s: list(variants(s, ModelShape.of(llama_config(dims_of[s]))).keys()) for s in data["shapes"]}
     extra = {s: [v for v in main_variants[s] if "gather" in v] + ["llama (HF)"] for s in main_variants}
     main_variants = {s: [v for v in main_variants[s] if "gather" not in v] for s in main_variants}
+    if args.variants:
+        keep = args.variants.split(",")
+        main_variants = {s: [v for v in vs if v in keep] for s, vs in main_variants.items()}
 
     def throughput(shape_name, variant):
         if over_budget(f"throughput {shape_name} {variant}"):
             return
         model, plan, layout = build(shape_name, dims_of[shape_name], variant, device, dtype, bases)
-        one_run(model, device, batches[0], min(64, args.prompt), 4)  # warm-up
+        one_run(model, device, batches[0], min(64, args.prompt), 4, cache_kind=args.throughput_cache)  # warm-up
         for b in batches:
             rec = {"batch": b, "oom": True}
             try:
-                rec = median_runs(model, device, b, args.prompt, args.new, args.reps)
+                rec = median_runs(model, device, b, args.prompt, args.new, args.reps, args.throughput_cache)
             except torch.OutOfMemoryError:
                 pass
             free(device)  # outside the handler, so the failed call's frames are gone
@@ -551,7 +558,8 @@ def report(data: dict) -> str:
         f"torch {env['torch']} (CUDA {env.get('cuda')}), transformers {env['transformers']}, Python {env['python']}; "
         f"{env['attn_implementation']}, dtype {st['dtype']}.",
         f"Command: `{env['argv']}`",
-        f"Throughput runs: prompt {st['prompt']} + {st['new']} new tokens, greedy `generate()`, dynamic cache, "
+        f"Throughput runs: prompt {st['prompt']} + {st['new']} new tokens, greedy `generate()`, "
+        f"{st.get('throughput_cache', 'dynamic')} cache, "
         f"median of {st['reps']} after a warm-up. Random weights: speed and memory depend on shapes only."
         if data["throughput"]
         else "Random weights: speed and memory depend on shapes only.",

@@ -16,7 +16,8 @@ windows of ``--seq-len`` per forward, ``--global-batch`` per optimizer step):
 
 Tokens/s are medians over steps after ``--warmup`` steps (compilation, autotuning),
 each step ending with a device synchronisation; MFU counts 6 FLOPs per weight
-per token plus attention's 12 x layers x hidden x seq_len, against ``--peak-flops``.
+per token plus attention's 12 x layers x hidden x seq_len, against ``--peak-flops``
+(default: a bf16 8192^3 matmul timed on the same machine at the start of the run).
 Imports only torch, transformers and kvshare's loop (no Hydra, no MLflow):
 
     PYTHONPATH=src python benchmarks/finetune_bench.py --out DIR      # GPU
@@ -44,7 +45,15 @@ import transformers
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
 from kvshare.modeling import KVShareLlamaConfig, KVShareLlamaForCausalLM
-from kvshare.training import Dist, TrainSettings, flops_per_token, leave_distributed, setup_distributed, train
+from kvshare.training import (
+    Dist,
+    TrainSettings,
+    flops_per_token,
+    leave_distributed,
+    matmul_flops,
+    setup_distributed,
+    train,
+)
 
 SMOLLM2_135M = dict(
     num_hidden_layers=30,
@@ -154,7 +163,7 @@ def main() -> None:
     p.add_argument("--global-batch", type=int, default=32)
     p.add_argument("--steps", type=int, default=10, help="timed optimizer steps")
     p.add_argument("--warmup", type=int, default=3, help="untimed optimizer steps first")
-    p.add_argument("--peak-flops", type=float, default=989e12, help="per GPU; H100 SXM dense bf16")
+    p.add_argument("--peak-flops", type=float, help="per GPU FLOP/s; default: measured (bf16 8192^3 matmul)")
     p.add_argument("--profile", action="store_true", help="print our loop's top kernels (torch.profiler)")
     p.add_argument("--parallel", choices=("ddp", "fsdp"), default="ddp", help="our loop under torchrun")
     p.add_argument("--out", type=Path, help="folder for finetune_bench.json")
@@ -164,6 +173,8 @@ def main() -> None:
     if a.smoke:
         shape, device = TINY, torch.device("cpu")
         a.seq_len, a.micro_batch, a.global_batch, a.steps, a.warmup = 64, 2, 4, 2, 2
+    if a.peak_flops is None:  # the MFU: against the matmul rate of this very machine
+        a.peak_flops = matmul_flops(device)
     tokens = np.random.default_rng(0).integers(0, shape["vocab_size"], 4_000_000, dtype=np.uint32)
     need = a.global_batch * (a.warmup + a.steps) * (a.seq_len + 1)
     assert len(tokens) >= need, f"raise the token count to {need}"

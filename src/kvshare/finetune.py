@@ -92,6 +92,7 @@ def log_summary(mlrun, result: TrainResult, wall: float) -> None:
             "train_tokens": result.tokens,
             "tokens_per_second_median": result.tokens_per_second,
             "mfu_median": result.mfu,
+            "peak_flops": result.peak_flops,
             "resumed_from_step": result.resumed_from,
             "wall_seconds": wall,
         }

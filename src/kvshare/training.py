@@ -79,7 +79,7 @@ class TrainSettings:
     checkpoint_interval: int = 0  # steps between resumable checkpoints; 0: none
     keep_checkpoints: int = 1
     resume_dir: str | None = None
-    peak_flops: float = 989e12  # per GPU, for MFU (H100 SXM dense bf16)
+    peak_flops: float | None = None  # per GPU, for MFU; None: measured here (matmul_flops)
     seed: int = 0
     progress: bool = True
     parallel: str = "ddp"  # under torchrun: ddp (a replica per rank) | fsdp (sharded, for models too big for one GPU)
@@ -274,6 +274,29 @@ def flops_per_token(model, seq_len: int) -> float:
     if not c.tie_word_embeddings:  # the input embedding is a lookup, not a matmul
         n -= model.get_input_embeddings().weight.numel()
     return 6 * n + 12 * c.num_hidden_layers * c.num_attention_heads * c.head_dim * seq_len
+
+
+def matmul_flops(device: torch.device, reps: int = 10) -> float:
+    """FLOP/s of one large matrix product on ``device``: MFU's denominator, measured where the training runs.
+
+    On a GPU a bf16 8192^3 product (an H100 reaches about 780 TFLOP/s, well under its 989
+    datasheet figure); on a CPU a float32 1024^3 one, so CPU runs still log a (meaningless
+    but finite) MFU. Median of ``reps`` timed products after two warm-ups.
+    """
+    cuda = device.type == "cuda"
+    n, dtype = (8192, torch.bfloat16) if cuda else (1024, torch.float32)
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    times = []
+    for i in range(reps + 2):
+        if cuda:
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        a @ b
+        if cuda:
+            torch.cuda.synchronize(device)
+        if i >= 2:
+            times.append(time.perf_counter() - t0)
+    return 2 * n**3 / float(np.median(times))
 
 
 # --- distributed --------------------------------------------------------------
@@ -479,6 +502,7 @@ class TrainResult:
     heldout_loss_after: float | None
     tokens_per_second: float  # all ranks together, over this process's steps after its first
     mfu: float
+    peak_flops: float  # MFU's denominator, per GPU
     resumed_from: int  # the step the run continued from (0: a fresh start)
 
 
@@ -592,6 +616,7 @@ def train(
     if "heldout_loss_before" not in history:
         history["heldout_loss_before"] = evaluate()
     flops = flops_per_token(model, s.seq_len)
+    peak = s.peak_flops or matmul_flops(device)
     if teacher is not None:  # its forward pass is a third of a training step's work
         flops += flops_per_token(teacher, s.seq_len) / 3
     per_rank = s.global_batch // dist.world
@@ -643,7 +668,7 @@ def train(
             "grad_norm": norm.item(),
             "tokens": tokens_seen,
             "tokens_per_second": rate,
-            "mfu": rate / dist.world * flops / s.peak_flops,
+            "mfu": rate / dist.world * flops / peak,
         }
         if teacher is not None:
             metrics |= {"train_ce": stats[1], "distill_kl": stats[2]}
@@ -684,7 +709,8 @@ def train(
         history["heldout_loss_before"],
         after,
         rate,
-        rate / dist.world * flops / s.peak_flops,
+        rate / dist.world * flops / peak,
+        peak,
         start,
     )
 
