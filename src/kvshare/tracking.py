@@ -43,6 +43,11 @@ def store_lock(uri: str) -> Iterator[None]:
     if db is None:
         yield
         return
+    # Import MLflow's SQL store before locking: the imports take 1-5 s per process, and inside
+    # the lock they made every job that Snakemake started at once wait for all the others'.
+    import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
+    import mlflow.tracking  # noqa: F401
+
     db.parent.mkdir(parents=True, exist_ok=True)
     with open(f"{db}.lock", "w") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)

@@ -22,6 +22,8 @@ site=$bundle/site
 
 if [ ! -f "$site/.installed" ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" "$bundle"/whl/*.whl
+  # Bytecode once, in parallel: every job imports these, and a machine may not write caches at import.
+  python3 -m compileall -q -j 0 "$site" >/dev/null || true  # some wheels ship files for other Pythons
   # Rules run `python`; some machines only have python3.
   command -v python >/dev/null || ln -sf "$(command -v python3)" "$site/bin/python"
   touch "$site/.installed"
