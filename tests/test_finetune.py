@@ -1,17 +1,25 @@
-"""The training loop (kvshare.training) on tiny CPU models: learning, exact resume, distillation, failures."""
+"""The training loop (kvshare.training) on tiny CPU models: learning, exact resume, distillation, failures;
+the fine-tuning entry point under torchrun (DDP, FSDP on gloo)."""
 
 import copy
+import json
+import os
+import subprocess
+import sys
 from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from mlflow.tracking import MlflowClient
 
-from kvshare.data import tokenize_corpus
+from kvshare import convert, prepare, search, tokenize
+from kvshare.data import load_tokens, tokenize_corpus
 from kvshare.errors import KVShareError
-from kvshare.training import TrainSettings, latest_checkpoint, lm_loss, train
-from tests.builders import tiny_llama
+from kvshare.models import load_model
+from kvshare.training import TrainSettings, heldout_windows, latest_checkpoint, lm_loss, train
+from tests.builders import make_cfg, tiny_llama
 
 CPU = torch.device("cpu")
 
@@ -324,3 +332,67 @@ def test_pretrain_writes_loadable_checkpoints_in_any_layout_from_the_same_tokens
 
         assert cache_bytes(cache) == plan.kv_bytes_per_token(4) * 16
         assert not (tmp_path / f"{layout}.resume").exists()
+
+
+@pytest.mark.slow
+def test_finetune_entry_point_under_torchrun_matches_one_process_in_ddp_and_fsdp(tmp_path):
+    """``python -m kvshare.finetune`` on 1 process, and under ``torchrun`` on 2 gloo ranks with DDP and FSDP."""
+
+    def cfg(*o):
+        return make_cfg(tmp_path, "model.num_hidden_layers=2", "search.progress=false", *o)
+
+    prepare.run(cfg(f"prepare.out={tmp_path}/base"))
+    tokenize.run(cfg(f"tokenize.model_dir={tmp_path}/base", f"tokenize.out={tmp_path}/data"))
+    search.run(cfg(f"search.model_dir={tmp_path}/base", "search.method=gqa", f"search.out={tmp_path}/p.json"))
+    convert.run(
+        cfg(f"convert.model_dir={tmp_path}/base", f"convert.plan={tmp_path}/p.json", f"convert.out={tmp_path}/ck")
+    )
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    launchers = {
+        "single": [sys.executable],
+        "ddp": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"],
+        "fsdp": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"],
+    }
+    for name, launcher in launchers.items():
+        parallel = "fsdp" if name == "fsdp" else "ddp"
+        args = [
+            "-m", "kvshare.finetune", "device=cpu", "study=torchrun", f"name={name}", f"mlflow.tracking_uri={uri}",
+            f"finetune.checkpoint={tmp_path}/ck", f"finetune.data_dir={tmp_path}/data", f"finetune.out={tmp_path}/{name}",
+            "finetune.seq_len=32", "finetune.micro_batch=2", "finetune.global_batch=4", "finetune.max_steps=4",
+            "finetune.lr=3e-3", "finetune.compile=false", "finetune.bf16=false", "finetune.checkpoint_interval=2",
+            "finetune.eval_windows=4", "finetune.progress=false", "finetune.peak_flops=1e12",
+            f"finetune.parallel={parallel}",
+        ]  # fmt: skip
+        proc = subprocess.run([*launcher, *args], cwd=tmp_path, env=env, capture_output=True, text=True)
+        assert proc.returncode == 0, f"{name}:\n{proc.stderr[-4000:]}"
+        assert not (tmp_path / f"{name}.resume").exists()
+
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("torchrun").experiment_id])
+    assert sorted(r.info.run_name for r in runs) == ["finetune:ddp", "finetune:fsdp", "finetune:single"]  # rank 0 only
+    losses, metrics = {}, {}
+    for r in runs:
+        name = r.info.run_name.split(":")[1]
+        losses[name] = {m.step: m.value for m in client.get_metric_history(r.info.run_id, "train_loss")}
+        metrics[name] = r.data.metrics
+        assert json.loads((tmp_path / name / "kvshare_spec.json").read_text())["runs"]["finetune"] == r.info.run_id
+    assert sorted(losses["single"]) == [1, 2, 3, 4]
+    for name in ("ddp", "fsdp"):  # same windows per step by design; float32 sums in another order only
+        assert losses[name] == pytest.approx(losses["single"], abs=1e-5)
+        ratio = metrics[name]["mfu"] / metrics[name]["tokens_per_second"]
+        assert ratio == pytest.approx(metrics["single"]["mfu"] / metrics["single"]["tokens_per_second"] / 2)  # 2 ranks
+
+    heldout = heldout_windows(load_tokens(tmp_path / "data", "val"), 32, 4)
+    weights = {}
+    for name in launchers:
+        model, _ = load_model(tmp_path / name)
+        weights[name] = model.state_dict()
+        with torch.no_grad():
+            logits = model(heldout[:, :-1]).logits
+        loss = F.cross_entropy(logits.flatten(0, 1), heldout[:, 1:].flatten()).item()
+        assert loss == pytest.approx(metrics[name]["heldout_loss_after"], abs=1e-5)
+    for name in ("ddp", "fsdp"):
+        assert weights[name].keys() == weights["single"].keys()
+        for key, value in weights["single"].items():
+            assert torch.allclose(weights[name][key], value, atol=1e-5), (name, key)
