@@ -11,7 +11,7 @@ random weights and run with the static KV cache at batch 256, prompt 2048:
   minus that of a 2-token run (same prefill), over the 32 extra steps, with the
   top kernels.
 
-    PYTHONPATH=src python benchmarks/decode_step_profile.py   # GPU; on CPU: tiny shapes
+    PYTHONPATH=src python benchmarks/decode_step_profile.py [BATCH]   # GPU (batch 256); on CPU: tiny shapes
 
 Results: benchmarks/results/decode_step_profile.md.
 """
@@ -30,6 +30,8 @@ cuda = torch.cuda.is_available()
 dev = torch.device("cuda" if cuda else "cpu")
 dtype = torch.bfloat16 if cuda else torch.float32
 B, P, NS, NL = (256, 2048, 2, 34) if cuda else (2, 32, 2, 6)
+if len(sys.argv) > 1:  # another batch size: decode_step_profile.py 1
+    B = int(sys.argv[1])
 acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
 
 
