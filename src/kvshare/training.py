@@ -279,12 +279,12 @@ def flops_per_token(model, seq_len: int) -> float:
 def matmul_flops(device: torch.device, reps: int = 10) -> float:
     """FLOP/s of one large matrix product on ``device``: MFU's denominator, measured where the training runs.
 
-    On a GPU a bf16 8192^3 product (an H100 reaches about 780 TFLOP/s, well under its 989
-    datasheet figure); on a CPU a float32 1024^3 one, so CPU runs still log a (meaningless
-    but finite) MFU. Median of ``reps`` timed products after two warm-ups.
+    On a GPU a bf16 8192^3 product (729 TFLOP/s on the lent H100, 783 on an H200, against
+    989 on their datasheets); on a CPU a float32 512^3 one, cheap, so CPU runs still log a
+    (meaningless but finite) MFU. Median of ``reps`` timed products after two warm-ups.
     """
     cuda = device.type == "cuda"
-    n, dtype = (8192, torch.bfloat16) if cuda else (1024, torch.float32)
+    n, dtype = (8192, torch.bfloat16) if cuda else (512, torch.float32)
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     times = []
     for i in range(reps + 2):
