@@ -44,6 +44,5 @@ set +e
 timeout --signal=INT "$seconds" snakemake --configfile "$config" "$@"
 status=$?
 set -e
-tar --exclude="results/$study/checkpoints" --exclude="results/$study/pretrained" \
-  -czf "$out/$study.tar.gz" "results/$study" "logs/$study" mlflow.db $(test -d mlartifacts && echo mlartifacts)
+KVSHARE_WORK=$work "$repo/workflow/scripts/study_snapshot.sh" "$study" "$out"
 exit $status

@@ -13,6 +13,9 @@ repo=$(cd "$(dirname "$0")/../.." && pwd)
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 tar -xzf "$tarball" -C "$tmp"
+for need in "results/$study/pareto.csv" "results/$study/metrics" mlflow.db mlartifacts "logs/$study"; do
+  [ -e "$tmp/$need" ] || { echo "publish_study.sh: $tarball has no $need: is '$study' its study?" >&2; exit 2; }
+done
 dest=$repo/results/$study
 mkdir -p "$dest"
 find "$dest" -mindepth 1 -maxdepth 1 ! -name README.md -exec rm -rf {} +
