@@ -14,7 +14,8 @@ snap=$(mktemp -d)
 python3 -c "import sqlite3, sys; sqlite3.connect(sys.argv[1]).backup(sqlite3.connect(sys.argv[2]))" mlflow.db "$snap/mlflow.db"
 have=()  # what exists so far (an early stop may precede results/ or the artifacts)
 for p in "results/$study" "logs/$study" mlartifacts; do [ ! -e "$p" ] || have+=("$p"); done
-tar --exclude="results/$study/checkpoints" --exclude="results/$study/pretrained" --exclude="*.safetensors" \
-  -czf "$out/$study.tar.gz.tmp" "${have[@]}" -C "$snap" mlflow.db
+# A running study's logs grow while tar reads them: tar's status 1 ("file changed") is expected.
+tar --warning=no-file-changed --exclude="results/$study/checkpoints" --exclude="results/$study/pretrained" \
+  --exclude="*.safetensors" -czf "$out/$study.tar.gz.tmp" "${have[@]}" -C "$snap" mlflow.db || [ $? -eq 1 ]
 mv "$out/$study.tar.gz.tmp" "$out/$study.tar.gz"
 rm -rf "$snap"
