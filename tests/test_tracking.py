@@ -1,11 +1,14 @@
-"""Many jobs logging to one fresh SQLite store at once all land."""
+"""Many jobs logging to one fresh SQLite store at once all land; a failed job says why."""
 
 import subprocess
 import sys
 
 import mlflow
+import pytest
 
-from kvshare.tracking import runs_frame
+from kvshare.errors import KVShareError
+from kvshare.tracking import runs_frame, stage_run
+from tests.builders import make_cfg
 
 JOB = """
 import sys
@@ -36,3 +39,13 @@ def test_eight_parallel_jobs_on_a_fresh_store_all_land(tmp_path):
     assert "params.finetune.lr" in runs.columns  # the resolved config is logged as params
     client = mlflow.tracking.MlflowClient(uri)
     assert all(len(client.get_metric_history(r, "x")) == 5 for r in runs.run_id)
+
+
+def test_a_failed_stage_keeps_its_error_in_mlflow(tmp_path):
+    """A rerun overwrites the job's log: the FAILED run itself says why it failed."""
+    cfg = make_cfg(tmp_path, "study=failing")
+    with pytest.raises(KVShareError), stage_run(cfg, "probe"):
+        raise KVShareError("finetune.micro_batch=64 does not fit: lower it")
+    runs = runs_frame(f"sqlite:///{tmp_path}/mlflow.db", experiment="failing")
+    assert list(runs["status"]) == ["FAILED"]
+    assert list(runs["tags.kvshare.error"]) == ["KVShareError: finetune.micro_batch=64 does not fit: lower it"]

@@ -216,6 +216,10 @@ def stage_run(cfg: DictConfig, stage: str, tags: Mapping[str, Any] | None = None
     try:
         yield stage_run_
         status = "FINISHED"
+    except BaseException as e:
+        # The job's log may be overwritten by a rerun; the failed run keeps why it failed.
+        stage_run_.set_tags({f"{TAG}error": f"{type(e).__name__}: {e}"[:5000]})
+        raise
     finally:
         stage_run_.flush()
         with store_lock(uri):
