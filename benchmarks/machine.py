@@ -32,9 +32,15 @@ def environment(device: torch.device | str, packages: tuple[str, ...] = ()) -> d
         p = torch.cuda.get_device_properties(device.index or 0)
         env.update(gpu=p.name, gpu_mem_gib=round(p.total_memory / 2**30, 1), cuda=torch.version.cuda)
         try:
-            env["driver"] = subprocess.run(  # one line per GPU, all the same
-                ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True, text=True
-            ).stdout.split("\n")[0].strip()
+            env["driver"] = (
+                subprocess.run(  # one line per GPU, all the same
+                    ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                    capture_output=True,
+                    text=True,
+                )
+                .stdout.split("\n")[0]
+                .strip()
+            )
         except OSError:
             pass
     return env
