@@ -74,6 +74,22 @@ def test_evaluate_perplexity_equals_direct_computation(pipeline):
     assert m["kv_fraction"] == 0.5 and 0 < m["top1_agreement"] <= 1 and m["kl_to_base"] > 0
 
 
+def test_evaluate_out_of_memory_names_the_settings_to_lower(pipeline, monkeypatch):
+    root, cfg = pipeline
+
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr("kvshare.evaluate.perplexity_and_agreement", oom)
+    with pytest.raises(evaluate.KVShareError, match=r"evaluate.batch_size=3, seq_len=32, zeroshot_batch_size=5: lower"):
+        evaluate.run(
+            cfg(f"evaluate.checkpoint={root}/ck", f"evaluate.base_dir={root}/base", f"evaluate.data_dir={root}/data",
+                f"evaluate.out={root}/oom.json", "evaluate.seq_len=32", "evaluate.tasks=[]", "evaluate.batch_size=3",
+                "evaluate.zeroshot_batch_size=5")
+        )  # fmt: skip
+    assert not (root / "oom.json").exists()
+
+
 def test_pareto_front_on_hand_made_points():
     cost = np.array([1.0, 2.0, 2.0, 3.0, 4.0, 4.0])
     ppl = np.array([50.0, 30.0, 40.0, 30.0, 10.0, 10.0])

@@ -75,13 +75,20 @@ def run(cfg: DictConfig) -> dict:
     with stage_run(cfg, "evaluate", tags) as mlrun:
         mlrun.set_tags({"kvshare.input_runs": ",".join(v for v in spec["runs"].values() if v)})
         t0 = time.perf_counter()
-        model, tokenizer = load_model(e.checkpoint, device)
-        base, _ = load_model(e.base_dir, device)
-        metrics = perplexity_and_agreement(model, batches, e.batch_size, base, device, e.stride)
-        del base
-        metrics |= zeroshot_metrics(model, tokenizer, e, device)
+        try:
+            model, tokenizer = load_model(e.checkpoint, device)
+            base, _ = load_model(e.base_dir, device)
+            metrics = perplexity_and_agreement(model, batches, e.batch_size, base, device, e.stride)
+            del base
+            metrics |= zeroshot_metrics(model, tokenizer, e, device)
+            measured = measured_cache_bytes_per_token(model, batches[0].to(device))
+        except torch.OutOfMemoryError:  # e.g. when other jobs share the GPU
+            raise KVShareError(
+                f"CUDA ran out of memory at evaluate.batch_size={e.batch_size}, seq_len={e.seq_len}, "
+                f"zeroshot_batch_size={e.zeroshot_batch_size}: lower them, or run fewer GPU jobs at once "
+                "(snakemake --resources gpu=N)"
+            ) from None
         dtype_bytes = next(model.parameters()).element_size()
-        measured = measured_cache_bytes_per_token(model, batches[0].to(device))
         metrics |= {
             "kv_fraction": plan.kv_fraction,
             "kv_bytes_per_token": plan.kv_bytes_per_token(2),
