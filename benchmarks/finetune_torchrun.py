@@ -10,15 +10,16 @@ accumulation on one GPU), so their loss curves should agree up to bf16 rounding 
 reduction order. Checks, each printed and failing the script (exit 1) when it does not hold:
 
 * every launch exits 0 and leaves exactly one finished MLflow run (rank 0 logs);
-* each written checkpoint reloads and gives the held-out loss its run logged (within ``--tol``);
+* each written checkpoint reloads and gives the held-out loss its run logged (``--first-step-tol``);
 * DDP's and FSDP's step-1 loss is one GPU's within ``--first-step-tol``, and every later
   step's within ``--tol``;
 * the FSDP job, killed with SIGKILL right after its first resumable checkpoint and rerun,
   resumes from that step and its later losses stay within ``--tol`` of the uninterrupted FSDP run.
 
 ``--launches single,single-again`` runs one GPU's command twice, to see what to expect: bf16
-training on a GPU is not deterministic, and on an H200 two such runs drifted apart by 0.035
-over 60 steps, more than the default ``--tol`` (benchmarks/results/finetune_torchrun/).
+training on a GPU is not deterministic: on an H200 two such runs drifted apart by 0.035 over
+60 steps, which set the default ``--tol``; the 2-GPU run recorded in
+benchmarks/results/finetune_torchrun/ checked against 0.02, chosen before that was known.
 
     PYTHONPATH=src python benchmarks/finetune_torchrun.py --out DIR            # GPU machine
     PYTHONPATH=src python benchmarks/finetune_torchrun.py --out DIR --smoke    # CPU, gloo, tiny
@@ -78,8 +79,9 @@ def main() -> int:
         default="single,ddp,fsdp,fsdp-resume",
         help=f"comma-separated, from {','.join(LAUNCHES)}; single comes first (the reference)",
     )
-    ap.add_argument("--tol", type=float, default=0.02, help="loss agreement over all steps (bf16, another order)")
-    ap.add_argument("--first-step-tol", type=float, default=1e-3, help="step 1: same weights and windows")
+    # Two runs of one command on one H200 drifted apart by up to 0.035 over 60 steps (bf16).
+    ap.add_argument("--tol", type=float, default=0.05, help="loss agreement over all steps")
+    ap.add_argument("--first-step-tol", type=float, default=1e-3, help="step 1, and a reloaded checkpoint")
     ap.add_argument("--smoke", action="store_true", help="CPU, gloo, model=tiny, a few steps")
     a = ap.parse_args()
     bad = [n for n in a.launches if n not in LAUNCHES]
@@ -223,7 +225,7 @@ def collect(out: Path, uri: str, a, device: str) -> dict:
             "resumed_from_step": m["resumed_from_step"],
             "train_loss": losses,
         }
-        check(f"{name}: checkpoint reloads", abs(reloaded - m["heldout_loss_after"]) <= a.tol,
+        check(f"{name}: checkpoint reloads", abs(reloaded - m["heldout_loss_after"]) <= a.first_step_tol,
               f"held-out loss {reloaded:.4f} reloaded, {m['heldout_loss_after']:.4f} logged")  # fmt: skip
         del model
     single = launches["single"]["train_loss"]
