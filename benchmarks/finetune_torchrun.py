@@ -46,10 +46,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import environment  # noqa: E402
 
 from kvshare.data import load_tokens  # noqa: E402
+from kvshare.io import atomic_write_text  # noqa: E402
 from kvshare.models import load_model  # noqa: E402
 from kvshare.training import heldout_windows, latest_checkpoint  # noqa: E402
 
 STUDY = "finetune-torchrun"
+EVAL_WINDOWS = 16  # held-out windows: logged by each run, recomputed from its written checkpoint
 # name -> (processes, finetune.parallel); None: --gpus. single-again repeats single: on a GPU two
 # runs of one command differ (bf16 kernels need not be deterministic), which bounds what to expect.
 LAUNCHES = {
@@ -86,8 +88,9 @@ def main() -> int:
     a = ap.parse_args()
     bad = [n for n in a.launches if n not in LAUNCHES]
     if bad or a.launches[0] != "single" or ("fsdp-resume" in a.launches and "fsdp" not in a.launches):
-        ap.error(
-            f"--launches {','.join(a.launches)}: start with single, use {','.join(LAUNCHES)}, fsdp with fsdp-resume"
+        sys.exit(
+            f"finetune_torchrun.py: error: --launches {','.join(a.launches)}: start with single, "
+            f"use {','.join(LAUNCHES)}, and fsdp with fsdp-resume"
         )
     if a.smoke:
         a.steps, a.checkpoint_interval, a.seq_len, a.micro_batch, a.global_batch = 40, 2, 64, 2, 8
@@ -126,7 +129,7 @@ def main() -> int:
             f"finetune.checkpoint={out}/ck", f"finetune.data_dir={out}/data", f"finetune.out={out}/{name}",
             f"finetune.max_steps={a.steps}", f"finetune.seq_len={a.seq_len}", f"finetune.micro_batch={a.micro_batch}",
             f"finetune.global_batch={a.global_batch}", f"finetune.checkpoint_interval={a.checkpoint_interval}",
-            "finetune.eval_windows=16", "finetune.progress=false", "finetune.lr=1e-3", f"finetune.parallel={parallel}",
+            f"finetune.eval_windows={EVAL_WINDOWS}", "finetune.progress=false", "finetune.lr=1e-3", f"finetune.parallel={parallel}",
         ]  # fmt: skip
 
     walls, commands = {}, {}
@@ -152,9 +155,10 @@ def main() -> int:
         inputs_seconds=inputs_seconds,
         settings=vars(a) | {"out": str(out)},
     )
-    (out / "report.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
-    (out / "report.md").write_text(markdown(report))
-    print(markdown(report))
+    atomic_write_text(out / "report.json", json.dumps(report, indent=1, default=str) + "\n")
+    text = markdown(report)
+    atomic_write_text(out / "report.md", text)
+    print(text)
     return 0 if all(c["ok"] for c in report["checks"]) else 1
 
 
@@ -199,7 +203,7 @@ def collect(out: Path, uri: str, a, device: str) -> dict:
     def check(what: str, ok: bool, detail: str) -> None:
         checks.append({"check": what, "ok": bool(ok), "detail": detail})
 
-    windows = heldout_windows(load_tokens(out / "data", "val"), a.seq_len, 16).to(device)
+    windows = heldout_windows(load_tokens(out / "data", "val"), a.seq_len, EVAL_WINDOWS).to(device)
     for name in a.launches:
         mine = [r for r in runs if r.info.run_name == f"finetune:{name}"]
         done = [r for r in mine if r.info.status == "FINISHED"]
