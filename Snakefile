@@ -10,12 +10,19 @@ Hydra default in conf/, overridable per stage with ``--config hydra='...'``.
 """
 
 import os
+import sys
 import time
 import uuid
+from pathlib import Path
 
 from snakemake.utils import min_version, validate
 
 min_version("9.0")
+
+# This workflow's own sources, for the Snakefile and for every job it starts.
+SOURCES = str(Path(workflow.basedir) / "src")
+sys.path.insert(0, SOURCES)
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (SOURCES, os.environ.get("PYTHONPATH")) if p)
 
 
 # The smoke grid unless a grid is given (--configfile, or a profile's configfile): Snakemake merges

@@ -1,7 +1,8 @@
 """Hydra entry points that fail with one line.
 
-Every stage is ``python -m kvshare.<stage> key=value ...``: a Hydra app whose
-``main()`` only composes the config and calls the stage's plain ``run(cfg)``.
+Every stage is ``python -m kvshare.<module> key=value ...``: a Hydra app whose
+``main()`` only composes the stage's primary config (``conf/<stage>.yaml``,
+built from the groups in conf/) and calls the stage's plain ``run(cfg)``.
 Bad input (a :class:`KVShareError` from the stage, or an override Hydra cannot
 apply) ends with a single ``kvshare <stage>: error: ...`` line on stderr and
 exit status 2, instead of Hydra's multi-line report.
@@ -9,7 +10,6 @@ exit status 2, instead of Hydra's multi-line report.
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 from collections.abc import Callable
@@ -18,7 +18,6 @@ from pathlib import Path
 import hydra
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
-from transformers.utils import logging as transformers_logging
 
 from kvshare.errors import KVShareError
 
@@ -41,15 +40,15 @@ def _check_overrides(stage: str, args: list[str]) -> None:
     overrides = [a for a in args if not a.startswith("-") and not a.lstrip("+~").startswith("hydra")]
     try:
         with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3", job_name=stage):
-            compose(config_name="config", overrides=overrides)
+            compose(config_name=stage, overrides=overrides)
     except Exception as e:  # Hydra raises several unrelated types for bad overrides
         fail(stage, f"{e} {e.__cause__ or ''}")
 
 
 def entry(stage: str, run: Callable[[DictConfig], object]) -> Callable[[], None]:
-    """The ``main()`` of stage ``stage``: the composed ``conf/config.yaml`` handed to ``run``."""
+    """The ``main()`` of stage ``stage``: the composed ``conf/<stage>.yaml`` handed to ``run``."""
 
-    @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
+    @hydra.main(config_path=CONF_DIR, config_name=stage, version_base="1.3")
     def _app(cfg: DictConfig) -> None:
         try:
             run(cfg)
@@ -57,10 +56,8 @@ def entry(stage: str, run: Callable[[DictConfig], object]) -> Callable[[], None]
             fail(stage, str(e))
 
     def main() -> None:
-        # Keep stderr for what matters: MLflow's store-migration notices and weight-loading bars are noise here.
-        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # read when mlflow is first imported
-        logging.getLogger("mlflow").setLevel(logging.WARNING)  # and where it already was
-        transformers_logging.disable_progress_bar()
+        # Keep stderr for what matters: weight-loading bars are noise here (read when transformers is imported).
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
         _check_overrides(stage, sys.argv[1:])
         _app()
 

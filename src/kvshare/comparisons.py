@@ -16,13 +16,12 @@ enter the comparisons as the mean over seeds, with their standard deviation.
 
 from __future__ import annotations
 
-import re
-
 import pandas as pd
+
+from kvshare.methods import SEED, family
 
 # Quality columns and whether higher is better.
 QUALITY = {"zeroshot_avg": True, "perplexity": False, "kl_to_base": False}
-SEED = re.compile(r"^(?P<name>.+)-s(?P<seed>[0-9]+)$")
 
 # CLA (Brandon et al., arXiv 2405.12981) Table 1, 1B scale, 20 layers, 16 heads of 128: KV bytes per token
 # (16-bit) and validation perplexity, keyed by the layout name kvshare's pretrain stage uses.
@@ -34,12 +33,6 @@ CLA_TABLE1 = {
     "mqa+cla2": ("H128-MQA-CLA2", 5120, 13.60),
     "mqa+cla3": ("H128-MQA-CLA3", 3584, 13.77),
 }
-
-
-def _family(method: str) -> str:
-    """``qcqa-ac`` → qcqa, ``random-s2`` → random, ``gqa4`` → gqa, ``mqa+cla2`` → mqa, ``cla2`` → cla."""
-    within = [p for p in method.split("+") if not p.startswith("cla")]
-    return re.match(r"[a-z]+", within[0]).group() if within else "cla"
 
 
 def seed_means(df: pd.DataFrame) -> pd.DataFrame:
@@ -61,7 +54,7 @@ def seed_means(df: pd.DataFrame) -> pd.DataFrame:
 
 def matched(df: pd.DataFrame, a: str, b: str) -> pd.DataFrame:
     """Rows of family ``a`` and ``b`` at equal KV bytes, side by side with quality differences (a - b)."""
-    fam = df.method.map(_family)
+    fam = df.method.map(family)
     keys = ["model", "variant", "kv_bytes_per_token"]
     left, right = df[fam == a], df[fam == b]
     cols = keys + ["method", *[q for q in QUALITY if q in df], *(["seeds"] if "seeds" in df else [])]
@@ -76,7 +69,7 @@ def kv_saving_at_quality(df: pd.DataFrame, quality: str = "zeroshot_avg") -> pd.
     """For each GQA point, the fewest KV bytes of a QCQA point at least as good, and the saving."""
     higher = QUALITY[quality]
     rows = []
-    fam = df.method.map(_family)
+    fam = df.method.map(family)
     for (model, variant), part in df.groupby(["model", "variant"]):
         qcqa = part[fam[part.index] == "qcqa"]
         if qcqa.empty:

@@ -53,7 +53,7 @@ def is_heldout(text: str, val_fraction: float) -> bool:
 def tokenize_corpus(tokenizer, docs, out_dir: str | Path, val_fraction: float) -> dict:
     """Write ``train.bin`` and ``val.bin`` (uint32 tokens) and ``meta.json``; return the meta."""
     if not 0 < val_fraction < 1:
-        raise KVShareError(f"tokenize.val_fraction={val_fraction} must be between 0 and 1")
+        raise KVShareError(f"data.val_fraction={val_fraction} must be between 0 and 1")
     eos = tokenizer.eos_token_id
     splits: dict[str, list[int]] = {"train": [], "val": []}
     n_docs = {"train": 0, "val": 0}
@@ -84,3 +84,36 @@ def load_tokens(data_dir: str | Path, split: str) -> np.ndarray:
     if not path.exists():
         raise KVShareError(f"{path} does not exist: run kvshare.tokenize first (the tokenize rule)")
     return np.memmap(path, dtype=np.uint32, mode="r")
+
+
+# --- windows: fixed-length slices of a token file, as int64 tensors (shape (n, length)) -------------------------
+
+
+def cut(tokens: np.ndarray, starts, length: int):
+    """The windows of ``length`` tokens at ``starts``, stacked: the one place token windows are cut."""
+    import torch
+
+    return torch.from_numpy(np.stack([np.asarray(tokens[s : s + length], dtype=np.int64) for s in starts]))
+
+
+def strided_windows(tokens: np.ndarray, seq_len: int, max_windows: int, stride: int | None = None):
+    """Held-out windows of ``seq_len`` tokens starting every ``stride`` (default: ``seq_len``) tokens."""
+    stride = stride or seq_len
+    if not 0 < stride <= seq_len:
+        raise KVShareError(f"evaluate.stride={stride} must be between 1 and evaluate.seq_len={seq_len}")
+    n = min(max_windows, (len(tokens) - seq_len) // stride + 1) if len(tokens) >= seq_len else 0
+    if n < 1:
+        raise KVShareError(f"evaluate.seq_len={seq_len} is longer than the {len(tokens)} held-out tokens: lower it")
+    return cut(tokens, range(0, n * stride, stride), seq_len)
+
+
+def calibration_windows(data_dir: str | Path, n_tokens: int, seq_len: int, offset: int = 0):
+    """``n_tokens`` of the training split from ``offset`` on, as whole windows of ``seq_len``."""
+    tokens = load_tokens(data_dir, "train")[int(offset) :]
+    n = min(int(n_tokens), len(tokens)) // int(seq_len)
+    if n < 1:
+        raise KVShareError(
+            f"search.calibration: {len(tokens)} training tokens left in {data_dir} (from token {offset}) do not "
+            f"fill one window of seq_len={seq_len}: lower search.calibration.seq_len or the token counts"
+        )
+    return cut(tokens, range(0, n * seq_len, seq_len), seq_len)

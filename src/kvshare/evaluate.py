@@ -15,20 +15,16 @@ from __future__ import annotations
 
 import time
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 
+from kvshare.checkpoint import read_spec
 from kvshare.cli import entry
-from kvshare.convert import read_spec
-from kvshare.data import load_tokens
 from kvshare.errors import KVShareError
 from kvshare.io import atomic_write_json
-from kvshare.metrics import perplexity_and_agreement, windows
-from kvshare.modeling import cache_bytes
-from kvshare.models import load_model, resolve_device
 from kvshare.plan import Plan
 from kvshare.tracking import stage_run
 
+DTYPES = ("float32", "bfloat16", "float16")
 VARIANTS = ("converted", "finetuned", "pretrained")
 # The metric each task is usually reported by; their mean is the zero-shot average.
 PRIMARY = {"hellaswag": "acc_norm", "piqa": "acc_norm", "arc_easy": "acc_norm", "arc_challenge": "acc_norm"}
@@ -56,28 +52,51 @@ def zeroshot_metrics(model, tokenizer, e: DictConfig, device) -> dict:
     return flat
 
 
-@torch.no_grad()
-def measured_cache_bytes_per_token(model, window: torch.Tensor) -> float:
+def measured_cache_bytes_per_token(model, window) -> float:
     """Cache bytes per token after one forward with a fresh cache, at the model's own dtype."""
-    out = model(input_ids=window[None], use_cache=True)
+    import torch
+
+    from kvshare.modeling import cache_bytes
+
+    with torch.no_grad():
+        out = model(input_ids=window[None], use_cache=True)
     return cache_bytes(out.past_key_values) / window.numel()
 
 
+def model_dtype(name: str, device):
+    """``evaluate.dtype``: auto is bfloat16 on CUDA (half the memory of float32, and what serving uses), else float32."""
+    import torch
+
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in DTYPES:
+        raise KVShareError(f"evaluate.dtype={name!r} is not known; use auto, {', '.join(DTYPES)}")
+    return getattr(torch, name)
+
+
 def run(cfg: DictConfig) -> dict:
+    import torch
+
+    from kvshare.checkpoint import load_model
+    from kvshare.data import load_tokens, strided_windows
+    from kvshare.devices import resolve_device
+    from kvshare.metrics import perplexity_and_agreement
+
     e = cfg.evaluate
     if e.variant not in VARIANTS:
         raise KVShareError(f"evaluate.variant={e.variant!r} is not known; use one of {', '.join(VARIANTS)}")
     spec = read_spec(e.checkpoint)
     plan = Plan.from_dict(spec["plan"])
     device = resolve_device(cfg.device)
-    batches = windows(load_tokens(e.data_dir, "val"), e.seq_len, e.max_windows, e.stride)
+    dtype = model_dtype(e.dtype, device)
+    batches = strided_windows(load_tokens(e.data_dir, "val"), e.seq_len, e.max_windows, e.stride)
     tags = {"model": spec["model"], "method": spec["method"], "budget": spec["budget"], "variant": e.variant}
     with stage_run(cfg, "evaluate", tags) as mlrun:
         mlrun.set_tags({"kvshare.input_runs": ",".join(v for v in spec["runs"].values() if v)})
         t0 = time.perf_counter()
         try:
-            model, tokenizer = load_model(e.checkpoint, device)
-            base, _ = load_model(e.base_dir, device)
+            model, tokenizer = load_model(e.checkpoint, device, dtype)
+            base, _ = load_model(e.base_dir, device, dtype)
             metrics = perplexity_and_agreement(model, batches, e.batch_size, base, device, e.stride)
             del base
             metrics |= zeroshot_metrics(model, tokenizer, e, device)

@@ -1,7 +1,7 @@
 """Quality measures on held-out tokens: perplexity, and agreement with the base model.
 
-Both use the same windows of the held-out split: ``seq_len`` tokens each,
-starting every ``stride`` tokens; when windows overlap, only the tokens past the
+Both use the same windows of the held-out split (:func:`kvshare.data.strided_windows`):
+``seq_len`` tokens each, starting every ``stride`` tokens; when windows overlap, only the tokens past the
 previous window are scored, so every token is scored once and with the longest
 context the window allows (the usual sliding-window perplexity). KL(base ‖
 variant) of next-token distributions and top-1 agreement still separate
@@ -12,23 +12,8 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-
-from kvshare.errors import KVShareError
-
-
-def windows(tokens: np.ndarray, seq_len: int, max_windows: int, stride: int | None = None) -> torch.Tensor:
-    """Windows of ``seq_len`` tokens starting every ``stride`` (default: ``seq_len``) tokens: (n, seq_len)."""
-    stride = stride or seq_len
-    if not 0 < stride <= seq_len:
-        raise KVShareError(f"evaluate.stride={stride} must be between 1 and evaluate.seq_len={seq_len}")
-    n = min(max_windows, (len(tokens) - seq_len) // stride + 1) if len(tokens) >= seq_len else 0
-    if n < 1:
-        raise KVShareError(f"evaluate.seq_len={seq_len} is longer than the {len(tokens)} held-out tokens: lower it")
-    rows = [np.asarray(tokens[i * stride : i * stride + seq_len], dtype=np.int64) for i in range(n)]
-    return torch.from_numpy(np.stack(rows))
 
 
 @torch.no_grad()

@@ -35,12 +35,25 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, eager
 
 
 class KVShareLlamaConfig(LlamaConfig):
-    """A Llama config plus, per layer, the query→KV-head map and the layer whose K/V it uses."""
+    """A Llama config plus, per layer, the query→KV-head map and the layer whose K/V it uses.
+
+    ``attention_bias`` puts biases on q, k and v, and on o unless ``o_proj_bias`` says otherwise (Qwen2 has
+    them on q, k and v only); ``source_model_type`` is the family the model was converted from.
+    """
 
     model_type = "kvshare_llama"
 
-    def __init__(self, q_to_kv: list[list[int]] | None = None, kv_layer: list[int] | None = None, **kwargs):
+    def __init__(
+        self,
+        q_to_kv: list[list[int]] | None = None,
+        kv_layer: list[int] | None = None,
+        o_proj_bias: bool | None = None,
+        source_model_type: str | None = None,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
+        self.o_proj_bias = o_proj_bias
+        self.source_model_type = source_model_type
         layers, heads = self.num_hidden_layers, self.num_attention_heads
         if q_to_kv is None:  # plain Llama layout
             per_kv = heads // (self.num_key_value_heads or heads)
@@ -105,7 +118,8 @@ class SharedKVAttention(nn.Module):
         if self.kv_layer == layer_idx:
             self.k_proj = nn.Linear(hidden, self.n_kv * self.head_dim, bias=bias)
             self.v_proj = nn.Linear(hidden, self.n_kv * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(heads * self.head_dim, hidden, bias=bias)
+        o_bias = getattr(config, "o_proj_bias", None)
+        self.o_proj = nn.Linear(heads * self.head_dim, hidden, bias=bias if o_bias is None else o_bias)
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs):
         input_shape = hidden_states.shape[:-1]

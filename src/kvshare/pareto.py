@@ -17,14 +17,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pandas as pd
 from omegaconf import DictConfig
 
 from kvshare.cli import entry
-from kvshare.comparisons import SEED, report
 from kvshare.errors import KVShareError
-from kvshare.fronts import front_table
 from kvshare.io import atomic_path, atomic_write_text
+from kvshare.methods import SEED
 from kvshare.tracking import runs_frame, stage_run, tracking_uri
 
 COLUMNS = {
@@ -43,7 +41,7 @@ COLUMNS = {
 }
 
 
-def read_runs(uri: str, run_ids: list[str]) -> pd.DataFrame:
+def read_runs(uri: str, run_ids: list[str]):
     quoted = ", ".join(f"'{r}'" for r in run_ids)
     df = runs_frame(uri, f"attributes.run_id IN ({quoted})")
     missing = set(run_ids) - set(df.get("run_id", []))
@@ -56,7 +54,7 @@ def read_runs(uri: str, run_ids: list[str]) -> pd.DataFrame:
     return df.reindex(columns=list(cols)).rename(columns=cols)
 
 
-def plot(df: pd.DataFrame, quality: str, path: Path, log_y: bool) -> None:
+def plot(df, quality: str, path: Path, log_y: bool) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -104,9 +102,12 @@ def run(cfg: DictConfig) -> dict:
     files = list(p.metrics)
     if not files:
         raise KVShareError("pareto.metrics is empty: give the evaluate stage's JSON files")
+    from kvshare.comparisons import report
+    from kvshare.fronts import front_table
+
     run_ids = [json.loads(Path(f).read_text())["runs"]["evaluate"] for f in files]
     out = Path(p.out_dir)
-    with stage_run(cfg, "pareto", {"model": cfg.model.name}) as mlrun:
+    with stage_run(cfg, "pareto") as mlrun:
         df = read_runs(tracking_uri(cfg), run_ids)
         df = df.sort_values(["model", "variant", "kv_bytes_per_token", "method"]).reset_index(drop=True)
         df["front_perplexity"] = front_table(df, "kv_bytes_per_token", "perplexity", False, "variant")
@@ -121,7 +122,7 @@ def run(cfg: DictConfig) -> dict:
         for name in ("pareto.csv", "pareto.md", "comparisons.md", "pareto_perplexity.png", "pareto_accuracy.png"):
             mlrun.log_artifact(out / name)
         mlrun.log_metrics({"variants": len(df), "on_front": int(df.front_perplexity.sum())})
-        mlrun.set_tags({"kvshare.input_runs": ",".join(run_ids)})
+        mlrun.set_tags({"kvshare.input_runs": ",".join(run_ids), "kvshare.model": ",".join(sorted(set(df.model)))})
     return {"rows": len(df)}
 
 

@@ -36,16 +36,17 @@ class ModelShape:
 
     @classmethod
     def of(cls, config: Any) -> ModelShape:
-        """Shape of a Hugging Face Llama-family config."""
-        heads = config.num_attention_heads
-        kv = getattr(config, "num_key_value_heads", None) or heads
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        """Shape of a Hugging Face Llama-family config (an object, or the dict of its config.json)."""
+        get = config.get if isinstance(config, dict) else lambda key: getattr(config, key, None)
+        heads = get("num_attention_heads")
+        kv = get("num_key_value_heads") or heads
+        head_dim = get("head_dim") or get("hidden_size") // heads
         if heads % kv:
             raise KVShareError(
                 f"num_key_value_heads={kv} does not divide num_attention_heads={heads}: "
                 "kvshare needs a model whose K/V heads each serve a whole set of query heads"
             )
-        return cls(config.num_hidden_layers, heads, kv, head_dim)
+        return cls(get("num_hidden_layers"), heads, kv, head_dim)
 
     @property
     def queries_per_kv(self) -> int:

@@ -7,10 +7,11 @@
 
 The size comes from the model config (a ``source: random`` file such as
 ``conf/model/tiny.yaml``: hidden_size, layers, heads, ...); ``pretrain.layout``
-sets the attention: ``mha``, ``mqa``, ``gqa<k>`` (k KV heads per layer,
-contiguous query groups), each optionally ``+cla<k>`` (k adjacent layers share
-the first one's K/V), e.g. ``mqa+cla2``. The model is a
-:class:`kvshare.modeling.KVShareLlamaForCausalLM` built from the layout's plan.
+sets the attention (:func:`kvshare.methods.parse_layout`): ``mha``, ``mqa``,
+``gqa<k>`` (k KV heads per layer, contiguous query groups), each optionally
+``+cla<k>`` (k adjacent layers share the first one's K/V), e.g. ``mqa+cla2``.
+The model is a :class:`kvshare.modeling.KVShareLlamaForCausalLM` built from the
+layout's plan.
 
 Every layout trained with the same tokenizer, token files and seed sees the
 same tokens in the same order (kvshare.training); the token files' hash is
@@ -32,49 +33,36 @@ import json
 import time
 from pathlib import Path
 
-import torch
 from omegaconf import DictConfig
 
-from kvshare import modeling
+from kvshare.checkpoint import BASE_RECORD, SPEC, spec_text
 from kvshare.cli import entry
-from kvshare.convert import REMOTE_CODE, SPEC
 from kvshare.data import documents, is_heldout, load_tokens, tokenize_corpus
 from kvshare.errors import KVShareError
-from kvshare.finetune import log_summary, settings, tracked
-from kvshare.merge import plain_llama_kv_heads, to_plain_llama
-from kvshare.models import resolve_device, save_model, train_tokenizer
+from kvshare.methods import parse_layout
 from kvshare.plan import ModelShape, Plan, cla_pattern
-from kvshare.training import barrier, clear_checkpoints, leave_distributed, setup_distributed, train, trained_model
+from kvshare.tracking import stage_run
 
 SIZE_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "max_position_embeddings")
 
 
 def layout_plan(layout: str, layers: int, heads: int, head_dim: int) -> Plan:
     """The plan of ``layout`` against the MHA model of the same size."""
-    kv, cla = None, 1
-    for part in layout.lower().split("+"):
-        if part == "mha":
-            kv = heads
-        elif part == "mqa":
-            kv = 1
-        elif part.startswith("gqa") and part[3:].isdigit():
-            kv = int(part[3:])
-        elif part.startswith("cla") and part[3:].isdigit() and int(part[3:]) >= 1:
-            cla = int(part[3:])
-        else:
-            raise KVShareError(f"pretrain.layout={layout!r}: {part!r} is not mha, mqa, gqa<k> or cla<k>")
-    kv = heads if kv is None else kv
+    parsed = parse_layout(layout)
+    kv = heads if parsed.kv_heads is None else parsed.kv_heads
     if not 1 <= kv <= heads or heads % kv:
         raise KVShareError(f"pretrain.layout={layout!r}: {kv} KV heads must divide the {heads} query heads")
     shape = ModelShape(layers, heads, heads, head_dim)
     groups = tuple(h // (heads // kv) for h in range(heads))
-    plan = Plan(shape, (groups,) * layers, tuple(range(layers)), layout.lower())
-    return plan.with_cla(cla_pattern(layers, cla)) if cla > 1 else plan
+    plan = Plan(shape, (groups,) * layers, tuple(range(layers)), parsed.name)
+    return plan.with_cla(cla_pattern(layers, parsed.cla)) if parsed.cla > 1 else plan
 
 
-def build_model(model_cfg, plan: Plan, tok) -> modeling.KVShareLlamaForCausalLM:
+def build_model(model_cfg, plan: Plan, tok):
+    from kvshare.modeling import KVShareLlamaConfig, KVShareLlamaForCausalLM
+
     s = plan.shape
-    config = modeling.KVShareLlamaConfig(
+    config = KVShareLlamaConfig(
         vocab_size=len(tok),
         **{k: model_cfg[k] for k in SIZE_KEYS},
         head_dim=s.head_dim,
@@ -87,30 +75,64 @@ def build_model(model_cfg, plan: Plan, tok) -> modeling.KVShareLlamaForCausalLM:
         pad_token_id=tok.pad_token_id,
         tie_word_embeddings=True,
     )
-    return modeling.KVShareLlamaForCausalLM(config)
+    return KVShareLlamaForCausalLM(config)
 
 
 def tokens_and_tokenizer(cfg: DictConfig, work: Path, dist) -> tuple:
     """The tokenizer and the token folder; made once under ``work`` (rank 0) when the config names none."""
     from transformers import AutoTokenizer
 
+    from kvshare.sources import train_tokenizer
+    from kvshare.training import barrier
+
     p = cfg.pretrain
     tok_dir = Path(p.tokenizer) if p.tokenizer else work / "tokenizer"
     data_dir = Path(p.data_dir) if p.data_dir else work / "data"
     if dist.main and not (tok_dir / "tokenizer_config.json").exists():
-        val_fraction = cfg.tokenize.val_fraction
         # Held-out documents stay out of the tokenizer too.
-        train_docs = (d for d in documents(cfg.data) if not is_heldout(d, val_fraction))
+        train_docs = (d for d in documents(cfg.data) if not is_heldout(d, cfg.data.val_fraction))
         train_tokenizer(train_docs, cfg.model.vocab_size).save_pretrained(tok_dir)
     barrier(dist)
     tok = AutoTokenizer.from_pretrained(tok_dir)
     if not p.data_dir and dist.main and not (data_dir / "train.bin").exists():
-        tokenize_corpus(tok, documents(cfg.data), data_dir, cfg.tokenize.val_fraction)
+        tokenize_corpus(tok, documents(cfg.data), data_dir, cfg.data.val_fraction)
     barrier(dist)
     return tok, data_dir
 
 
+def extra_files(plan: Plan, spec: dict, model_name: str, run_id: str, parameters: int) -> dict[str, str]:
+    """The spec, whose plan is against the MHA model of the same size, and for the MHA model the record
+    prepare writes for a base model."""
+    extra = {SPEC: spec_text(spec)}
+    if plan.stored_kv_heads == plan.shape.num_layers * plan.shape.num_heads:  # MHA: a base model
+        record = {
+            "model": model_name,
+            "pretrain_run_id": run_id,
+            "parameters": parameters,
+            "layers": plan.shape.num_layers,
+            "heads": plan.shape.num_heads,
+            "kv_heads": plan.shape.num_heads,
+            "head_dim": plan.shape.head_dim,
+        }
+        extra[BASE_RECORD] = json.dumps(record, indent=1) + "\n"
+    return extra
+
+
 def run(cfg: DictConfig) -> dict:
+    import torch
+
+    from kvshare.checkpoint import save_model
+    from kvshare.devices import resolve_device
+    from kvshare.merge import plain_kv_heads, to_plain
+    from kvshare.training import (
+        TrainSettings,
+        clear_checkpoints,
+        leave_distributed,
+        setup_distributed,
+        train,
+        trained_model,
+    )
+
     p, m = cfg.pretrain, cfg.model
     if m.source != "random" or any(k not in m for k in SIZE_KEYS):
         raise KVShareError(
@@ -120,7 +142,7 @@ def run(cfg: DictConfig) -> dict:
     head_dim = int(m.get("head_dim") or m.hidden_size // m.num_attention_heads)
     plan = layout_plan(p.layout, m.num_hidden_layers, m.num_attention_heads, head_dim)
     dist, device = setup_distributed(resolve_device(cfg.device))
-    s = settings("pretrain", p, cfg, device)
+    s = TrainSettings.of_stage("pretrain", p, device, cfg.seed)
     tok, data_dir = tokens_and_tokenizer(cfg, Path(s.resume_dir), dist)
     train_tokens, val = load_tokens(data_dir, "train"), load_tokens(data_dir, "val")
     digest = hashlib.sha256(Path(data_dir, "train.bin").read_bytes()).hexdigest()
@@ -129,30 +151,22 @@ def run(cfg: DictConfig) -> dict:
     if int(train_tokens.max()) >= model.config.vocab_size:
         raise KVShareError(f"pretrain.data_dir={data_dir} holds token ids beyond the tokenizer's vocabulary")
     tags = {"model": m.name, "method": plan.method, "budget": plan.kv_fraction}
-    with tracked(cfg, "pretrain", tags, dist) as mlrun:
+    with stage_run(cfg, "pretrain", tags, enabled=dist.main) as mlrun:
         t0 = time.perf_counter()
         inputs = {"layout": plan.method, "size": {k: m[k] for k in SIZE_KEYS}, "train_tokens_sha256": digest}
         result = train(model, train_tokens, val, s, device, dist, None, mlrun.log_metrics, inputs)
         model = trained_model(model, dist)
         if dist.main:
-            log_summary(mlrun, result, time.perf_counter() - t0)
+            mlrun.log_metrics(result.summary(time.perf_counter() - t0))
             model = model.eval()
-            extra = {}
-            if plain_llama_kv_heads(model.config) is not None:
-                model, export = to_plain_llama(model), "llama"
-            else:
-                export = "kvshare_llama"
-                model.config.auto_map = {
-                    "AutoConfig": f"{REMOTE_CODE[:-3]}.KVShareLlamaConfig",
-                    "AutoModelForCausalLM": f"{REMOTE_CODE[:-3]}.KVShareLlamaForCausalLM",
-                }
-                extra[REMOTE_CODE] = Path(modeling.__file__).read_text()
+            if plain_kv_heads(model.config.q_to_kv, model.config.kv_layer) is not None:
+                model = to_plain(model)  # MHA, GQA, MQA: the plain Llama every engine loads
             spec = {
                 "method": plan.method,
                 "budget": plan.kv_fraction,
                 "model": m.name,
                 "source_model_dir": None,
-                "export": export,
+                "export": model.config.model_type,
                 "kv_fraction": plan.kv_fraction,
                 "kv_bytes_per_token_16bit": plan.kv_bytes_per_token(2),
                 "plan": plan.to_dict(),
@@ -160,19 +174,8 @@ def run(cfg: DictConfig) -> dict:
                 "pretrain_tokens": result.tokens,
                 "train_tokens_sha256": digest,
             }
-            extra[SPEC] = json.dumps(spec, indent=1) + "\n"
-            if plan.stored_kv_heads == plan.shape.num_layers * plan.shape.num_heads:  # MHA: a base model
-                record = {
-                    "model": m.name,
-                    "pretrain_run_id": mlrun.run_id,
-                    "parameters": sum(t.numel() for t in model.parameters()),
-                    "layers": plan.shape.num_layers,
-                    "heads": plan.shape.num_heads,
-                    "kv_heads": plan.shape.num_heads,
-                    "head_dim": head_dim,
-                }
-                extra["kvshare_base.json"] = json.dumps(record, indent=1) + "\n"
-            save_model(model, tok, p.out, extra)
+            parameters = sum(t.numel() for t in model.parameters())
+            save_model(model, tok, p.out, extra_files(plan, spec, m.name, mlrun.run_id, parameters))
             clear_checkpoints(s.resume_dir)
     leave_distributed(dist)
     return {

@@ -21,21 +21,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from kvshare.data import load_tokens
 from kvshare.errors import KVShareError
 from kvshare.wse import kv_head_vectors, kv_projections, pairwise_sq_dists, wse
-
-
-def calibration_windows(data_dir: str, n_tokens: int, seq_len: int, offset: int = 0) -> torch.Tensor:
-    """``n_tokens`` of the training split from ``offset`` on, as whole windows of ``seq_len``: (windows, seq_len)."""
-    tokens = load_tokens(data_dir, "train")[int(offset) :]
-    n = min(int(n_tokens), len(tokens)) // int(seq_len)
-    if n < 1:
-        raise KVShareError(
-            f"search.calibration: {len(tokens)} training tokens left in {data_dir} (from token {offset}) do not "
-            f"fill one window of seq_len={seq_len}: lower search.calibration.seq_len or the token counts"
-        )
-    return torch.from_numpy(np.asarray(tokens[: n * seq_len], dtype=np.int64).reshape(n, seq_len))
 
 
 @torch.no_grad()

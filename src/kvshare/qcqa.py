@@ -29,7 +29,6 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
-from scipy.optimize import linear_sum_assignment
 
 from kvshare import exact, nsga
 from kvshare.errors import KVShareError
@@ -143,6 +142,8 @@ def polish(dist: np.ndarray, labels: np.ndarray, equal_sizes: bool, max_steps: i
 
 def balanced_grouping(dist: np.ndarray, k: int, starts: list[np.ndarray] | None = None) -> np.ndarray:
     """Equal-size grouping into ``k`` groups: balanced assignment to centroids to a fixed point, then swaps."""
+    from scipy.optimize import linear_sum_assignment
+
     n = dist.shape[0]
     check_count(k, n, equal_sizes=True)
     size = n // k

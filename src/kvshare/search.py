@@ -37,36 +37,18 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from kvshare import proxy, qcqa
+from kvshare import qcqa
+from kvshare.checkpoint import Tensors, read_config
 from kvshare.cli import entry
 from kvshare.errors import KVShareError
-from kvshare.models import load_model, resolve_device
+from kvshare.families import check_family
+from kvshare.methods import parse_method
 from kvshare.nsga import NSGASettings, layer_hypervolume
 from kvshare.plan import ModelShape, Plan, cla_pattern
 from kvshare.tracking import stage_run
-from kvshare.wse import kv_head_vectors, pairwise_sq_dists, wse
+from kvshare.wse import checkpoint_head_vectors, pairwise_sq_dists, wse
 
-WITHIN = ("base", "gqa", "mqa", "random", "qcqa-ac", "qcqa-ec")
 PROXIES = ("weight", "output")
-
-
-def parse_method(method: str) -> tuple[str, int, int | None]:
-    """``"qcqa-ac+cla2"`` → ``("qcqa-ac", 2, None)``; ``"cla2"`` → ``("base", 2, None)``;
-    ``"random-s1"`` → ``("random", 1, 1)``: (within-layer method, CLA factor, random seed or None)."""
-    within, cla, seed = "base", 1, None
-    for part in str(method).lower().split("+"):
-        if part.startswith("cla") and part[3:].isdigit() and int(part[3:]) >= 1:
-            cla = int(part[3:])
-        elif part in WITHIN:
-            within = part
-        elif part.startswith("random-s") and part[8:].isdigit():
-            within, seed = "random", int(part[8:])
-        else:
-            raise KVShareError(
-                f"search.method={method!r} is not known: use one of {', '.join(WITHIN)}, random-s<seed>, cla<k>, "
-                "or <within>+cla<k>"
-            )
-    return within, cla, seed
 
 
 def contiguous(n: int, k: int) -> tuple[int, ...]:
@@ -188,7 +170,8 @@ def plot_fronts(result: qcqa.SearchResult, dists: list[np.ndarray], out_dir: Pat
 
 def run(cfg: DictConfig) -> dict:
     s = cfg.search
-    within, cla, seed = parse_method(s.method)
+    method = parse_method(s.method)
+    within, cla, seed = method.within, method.cla, method.seed
     try:
         budget = float(s.budget)
     except ValueError:
@@ -211,15 +194,26 @@ def run(cfg: DictConfig) -> dict:
     tags = {"model": cfg.model.name, "method": s.method, "budget": budget}
     with stage_run(cfg, "search", tags) as mlrun:
         t0 = time.perf_counter()
-        model, _ = load_model(s.model_dir, resolve_device(cfg.device))
-        shape = ModelShape.of(model.config)
+        config = read_config(s.model_dir)
+        check_family(config, f"search.model_dir={s.model_dir}")
+        shape = ModelShape.of(config)
         pattern = cla_pattern(shape.num_layers, list(s.cla_layers) if s.cla_layers is not None else cla)
         producers = sorted(set(pattern))
-        weight_dists = [pairwise_sq_dists(v) for v in kv_head_vectors(model)]
+        # The weight proxy reads only the K/V projections, a layer at a time; the output proxy runs the model.
+        vectors = checkpoint_head_vectors(Tensors(s.model_dir), shape.num_layers, shape.head_dim)
+        weight_dists = [pairwise_sq_dists(v) for v in vectors]
         c = s.calibration
         dists = weight_dists
+        model = None
+        if s.proxy == "output" or check:
+            from kvshare import proxy
+            from kvshare.checkpoint import load_model
+            from kvshare.data import calibration_windows
+            from kvshare.devices import resolve_device
+
+            model, _ = load_model(s.model_dir, resolve_device(cfg.device), "float32")
         if s.proxy == "output":
-            windows = proxy.calibration_windows(c.data_dir, c.tokens, c.seq_len)
+            windows = calibration_windows(c.data_dir, c.tokens, c.seq_len)
             dists = proxy.output_dists(model, windows, c.batch_size)
         max_heads = int(np.floor(budget * shape.num_layers * shape.num_kv_heads + 1e-9))
         t_search = time.perf_counter()
@@ -266,8 +260,8 @@ def run(cfg: DictConfig) -> dict:
             candidates = proxy.random_candidates(
                 len(producers), shape.num_kv_heads, int(n_groups), check, s.random_seed
             )
-            windows = proxy.calibration_windows(c.data_dir, s.proxy_check.tokens, c.seq_len, offset=c.tokens)
-            calib = proxy.calibration_windows(c.data_dir, c.tokens, c.seq_len)
+            windows = calibration_windows(c.data_dir, s.proxy_check.tokens, c.seq_len, offset=c.tokens)
+            calib = calibration_windows(c.data_dir, c.tokens, c.seq_len)
             ranked = proxy.rank_check(
                 model,
                 windows,

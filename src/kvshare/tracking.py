@@ -1,11 +1,12 @@
-"""MLflow tracking for stages: one run per stage process, safe on a shared SQLite store.
+"""MLflow tracking for stages: one run per stage process, logged through a shared per-machine service.
 
 The embedded default is a SQLite store (``sqlite:///mlflow.db``) with artifacts
 in ``mlartifacts/`` beside it; ``MLFLOW_TRACKING_URI`` points every stage at a
-team server instead. SQLite allows one writer at a time and MLflow's first use
-of a fresh database creates its tables, which races when Snakemake starts many
-jobs at once; so for SQLite every write here holds an exclusive file lock
-(``<db>.lock``). Servers need no lock.
+team server instead. Stages never import MLflow themselves: the calls go to
+:mod:`kvshare.tracking_service`, started on first use, one per URI and
+machine, which keeps MLflow imported and the store open for every job of a
+DAG (it costs ~6 s of CPU per process on a 2-core machine otherwise). The
+service writes one call at a time, so parallel jobs never race on SQLite.
 
 Runs are tagged with the stage, study, model, method, budget, the Snakemake
 invocation (``KVSHARE_INVOCATION``, set once per ``snakemake`` call), the git
@@ -16,8 +17,12 @@ as a unit and any number can be traced back to its lineage.
 from __future__ import annotations
 
 import fcntl
+import hashlib
+import json
 import os
+import socket
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator, Mapping
@@ -25,29 +30,23 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
-
 from kvshare.errors import KVShareError
 
 TAG = "kvshare."
+START_SECONDS = 120.0  # how long a client waits for a new service to come up
 
 
-def _sqlite_path(uri: str) -> Path | None:
+def sqlite_path(uri: str) -> Path | None:
     return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
 
 
 @contextmanager
 def store_lock(uri: str) -> Iterator[None]:
-    """Exclusive lock on a SQLite store's lock file; nothing for other stores."""
-    db = _sqlite_path(uri)
+    """Exclusive lock on a SQLite store's lock file (also across machines sharing it); nothing for other stores."""
+    db = sqlite_path(uri)
     if db is None:
         yield
         return
-    # Import MLflow's SQL store before locking: the imports take 1-5 s per process, and inside
-    # the lock they made every job that Snakemake started at once wait for all the others'.
-    import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
-    import mlflow.tracking  # noqa: F401
-
     db.parent.mkdir(parents=True, exist_ok=True)
     with open(f"{db}.lock", "w") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
@@ -57,22 +56,107 @@ def store_lock(uri: str) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def _client(uri: str):
-    from mlflow.tracking import MlflowClient
+# --- the connection to the service -------------------------------------------------------------------------------
 
-    return MlflowClient(tracking_uri=uri)
+
+def _socket_path(uri: str) -> Path:
+    """One service per URI, interpreter and service code: a changed service file never talks to an old one."""
+    code = (Path(__file__).parent / "tracking_service.py").read_bytes()
+    key = hashlib.sha1(b"\0".join([uri.encode(), sys.executable.encode(), code])).hexdigest()[:16]
+    return Path(tempfile.gettempdir()) / f"kvshare-mlflow-{os.getuid()}-{key}.sock"
+
+
+def _connect(path: Path) -> socket.socket | None:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(str(path))
+        return sock
+    except OSError:
+        sock.close()
+        return None
+
+
+class Service:
+    """A connection to the tracking service of ``uri``, started (detached) when none is running."""
+
+    def __init__(self, uri: str):
+        self.uri, self.path = uri, _socket_path(uri)
+        self.sock = _connect(self.path) or self._start()
+        self.reader = self.sock.makefile("rb")
+
+    def _start(self) -> socket.socket:
+        with open(f"{self.path}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # one starter; the others find its service
+            sock = _connect(self.path)
+            if sock is not None:
+                return sock
+            log = Path(f"{self.path}.log")
+            with open(log, "w") as out:
+                proc = subprocess.Popen(
+                    [sys.executable, "-m", "kvshare.tracking_service", self.uri, str(self.path)],
+                    stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True,
+                )  # fmt: skip
+            deadline = time.monotonic() + START_SECONDS
+            while time.monotonic() < deadline:
+                sock = _connect(self.path)
+                if sock is not None:
+                    return sock
+                if proc.poll() is not None:
+                    tail = (log.read_text().strip().splitlines() or ["no output"])[-1]
+                    raise KVShareError(f"the MLflow tracking service for {self.uri} stopped: {tail} (log: {log})")
+                time.sleep(0.05)
+            raise KVShareError(
+                f"the MLflow tracking service for {self.uri} did not start in {START_SECONDS:.0f} s: see {log}"
+            )
+
+    def call(self, op: str, **args) -> Any:
+        self.sock.sendall(json.dumps({"op": op, **args}).encode() + b"\n")
+        line = self.reader.readline()
+        if not line:
+            raise KVShareError(f"the MLflow tracking service for {self.uri} went away: see {self.path}.log")
+        reply = json.loads(line)
+        if not reply["ok"]:
+            raise RuntimeError(f"MLflow {op} failed: {reply['error']}")
+        return reply["result"]
+
+    def close(self) -> None:
+        self.reader.close()
+        self.sock.close()
+
+
+@contextmanager
+def service(uri: str) -> Iterator[Service]:
+    s = Service(uri)
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+# --- what stages and the Snakefile use ----------------------------------------------------------------------------
+
+
+def tracking_uri(cfg) -> str:
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or cfg.mlflow.tracking_uri
+    if not uri:
+        raise KVShareError("mlflow.tracking_uri is empty: set it or MLFLOW_TRACKING_URI")
+    db = sqlite_path(uri)
+    return f"sqlite:///{db.resolve()}" if db else uri
 
 
 def init_store(uri: str, experiment: str) -> str:
     """Create the store's tables and the experiment (once; idempotent). Returns the experiment id."""
-    with store_lock(uri):
-        client = _client(uri)
-        found = client.get_experiment_by_name(experiment)
-        if found is not None:
-            return found.experiment_id
-        db = _sqlite_path(uri)
-        location = (db.parent.resolve() / "mlartifacts" / experiment).as_uri() if db else None
-        return client.create_experiment(experiment, artifact_location=location)
+    with service(uri) as s:
+        return s.call("experiment", name=experiment)
+
+
+def runs_frame(uri: str, filter_string: str = "", experiment: str | None = None):
+    """Runs of one experiment (or all) as a DataFrame: ``run_id``, ``status``, ``tags.*``, ``params.*``, ``metrics.*``."""
+    import pandas as pd
+
+    with service(uri) as s:
+        rows = s.call("search_runs", experiment=experiment, filter_string=filter_string)
+    return pd.DataFrame(rows, columns=None if rows else ["run_id", "status"])
 
 
 def git_commit() -> str:
@@ -100,54 +184,35 @@ def flatten(d: Mapping, prefix: str = "") -> dict[str, Any]:
 
 
 class StageRun:
-    """One MLflow run; every call holds the store lock (see module docstring)."""
+    """One MLflow run of a stage process."""
 
-    FLUSH_SECONDS = 10.0  # stepped metrics are written in batches: one locked write per step is slow
+    FLUSH_SECONDS = 10.0  # stepped metrics go in batches: a store write per training step would be slow
 
-    def __init__(self, uri: str, run_id: str):
-        self.uri, self.run_id = uri, run_id
+    def __init__(self, svc: Service, run_id: str):
+        self.svc, self.run_id = svc, run_id
         self._pending: list = []
         self._last_flush = 0.0
 
-    def _locked(self):
-        return store_lock(self.uri)
-
     def log_params(self, params: Mapping[str, Any]) -> None:
-        from mlflow.entities import Param
-
-        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
-        with self._locked():
-            client = _client(self.uri)
-            for i in range(0, len(items), 100):
-                client.log_batch(self.run_id, params=items[i : i + 100])
+        self.svc.call("log_batch", run_id=self.run_id, params={k: str(v) for k, v in params.items()})
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         """Log now, or for stepped metrics (``step`` given) at most every FLUSH_SECONDS; ``flush`` writes the rest."""
-        from mlflow.entities import Metric
-
         now = time.time()
-        self._pending += [Metric(k, float(v), int(now * 1000), step or 0) for k, v in metrics.items() if v is not None]
+        self._pending += [(k, float(v), int(now * 1000), step or 0) for k, v in metrics.items() if v is not None]
         if step is None or now - self._last_flush > self.FLUSH_SECONDS:
             self.flush()
 
     def flush(self) -> None:
-        if not self._pending:
-            return
-        with self._locked():
-            client = _client(self.uri)
-            for i in range(0, len(self._pending), 1000):
-                client.log_batch(self.run_id, metrics=self._pending[i : i + 1000])
+        if self._pending:
+            self.svc.call("log_batch", run_id=self.run_id, metrics=self._pending)
         self._pending, self._last_flush = [], time.time()
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
-        from mlflow.entities import RunTag
-
-        with self._locked():
-            _client(self.uri).log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        self.svc.call("log_batch", run_id=self.run_id, tags={k: str(v) for k, v in tags.items()})
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        with self._locked():
-            _client(self.uri).log_artifact(self.run_id, str(path), artifact_path)
+        self.svc.call("log_artifact", run_id=self.run_id, path=str(Path(path).resolve()), artifact_path=artifact_path)
 
     def log_text(self, text: str, name: str) -> None:
         with tempfile.TemporaryDirectory() as d:
@@ -156,48 +221,33 @@ class StageRun:
             self.log_artifact(p)
 
 
-def runs_frame(uri: str, filter_string: str = "", experiment: str | None = None):
-    """Runs of one experiment (or all) as a DataFrame: ``run_id``, ``status``, ``tags.*``, ``params.*``, ``metrics.*``.
+class NoRun:
+    """What processes that do not log (ranks other than 0 under torchrun) get instead of a run."""
 
-    Uses a client bound to ``uri``: ``mlflow.set_tracking_uri`` would also change the
-    process environment that child jobs inherit.
-    """
-    import pandas as pd
+    run_id = None
 
-    with store_lock(uri):
-        client = _client(uri)
-        if experiment is None:
-            ids = [e.experiment_id for e in client.search_experiments()]
-        else:
-            found = client.get_experiment_by_name(experiment)
-            ids = [found.experiment_id] if found else []
-        runs = client.search_runs(ids, filter_string, max_results=50000) if ids else []
-    rows = [
-        {
-            "run_id": r.info.run_id,
-            "status": r.info.status,
-            **{f"tags.{k}": v for k, v in r.data.tags.items()},
-            **{f"params.{k}": v for k, v in r.data.params.items()},
-            **{f"metrics.{k}": v for k, v in r.data.metrics.items()},
-        }
-        for r in runs
-    ]
-    return pd.DataFrame(rows, columns=None if rows else ["run_id", "status"])
+    def log_metrics(self, metrics, step=None) -> None:
+        pass
 
+    def set_tags(self, tags) -> None:
+        pass
 
-def tracking_uri(cfg: DictConfig) -> str:
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or cfg.mlflow.tracking_uri
-    if not uri:
-        raise KVShareError("mlflow.tracking_uri is empty: set it or MLFLOW_TRACKING_URI")
-    db = _sqlite_path(uri)
-    return f"sqlite:///{db.resolve()}" if db else uri
+    def log_artifact(self, path, artifact_path=None) -> None:
+        pass
 
 
 @contextmanager
-def stage_run(cfg: DictConfig, stage: str, tags: Mapping[str, Any] | None = None) -> Iterator[StageRun]:
-    """Start the stage's MLflow run, log its resolved config, and close it FINISHED or FAILED."""
+def stage_run(cfg, stage: str, tags: Mapping[str, Any] | None = None, enabled: bool = True) -> Iterator[StageRun]:
+    """Start the stage's MLflow run, log its resolved config, and close it FINISHED or FAILED (keeping the error).
+
+    With ``enabled`` false (a rank other than 0) nothing is logged: a :class:`NoRun` stands in.
+    """
+    if not enabled:
+        yield NoRun()
+        return
+    from omegaconf import OmegaConf
+
     uri = tracking_uri(cfg)
-    experiment_id = init_store(uri, cfg.study)
     all_tags = {
         f"{TAG}stage": stage,
         f"{TAG}study": cfg.study,
@@ -206,21 +256,21 @@ def stage_run(cfg: DictConfig, stage: str, tags: Mapping[str, Any] | None = None
         "mlflow.runName": f"{stage}:{cfg.get('name', stage)}",
         **{f"{TAG}{k}": v for k, v in (tags or {}).items() if v is not None},
     }
-    with store_lock(uri):
-        run = _client(uri).create_run(experiment_id, tags={k: str(v) for k, v in all_tags.items()})
-    stage_run_ = StageRun(uri, run.info.run_id)
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-    stage_run_.log_params(flatten(resolved))
-    stage_run_.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
-    status = "FAILED"
-    try:
-        yield stage_run_
-        status = "FINISHED"
-    except BaseException as e:
-        # The job's log may be overwritten by a rerun; the failed run keeps why it failed.
-        stage_run_.set_tags({f"{TAG}error": f"{type(e).__name__}: {e}"[:5000]})
-        raise
-    finally:
-        stage_run_.flush()
-        with store_lock(uri):
-            _client(uri).set_terminated(run.info.run_id, status)
+    with service(uri) as svc:
+        experiment = svc.call("experiment", name=cfg.study)
+        run = StageRun(
+            svc, svc.call("create_run", experiment_id=experiment, tags={k: str(v) for k, v in all_tags.items()})
+        )
+        run.log_params(flatten(OmegaConf.to_container(cfg, resolve=True)))
+        run.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
+        status = "FAILED"
+        try:
+            yield run
+            status = "FINISHED"
+        except BaseException as e:
+            # The job's log may be overwritten by a rerun; the failed run keeps why it failed.
+            run.set_tags({f"{TAG}error": f"{type(e).__name__}: {e}"[:5000]})
+            raise
+        finally:
+            run.flush()
+            svc.call("set_terminated", run_id=run.run_id, status=status)

@@ -92,6 +92,26 @@ class TrainSettings:
             known["betas"] = tuple(float(b) for b in known["betas"])
         return cls(section=section, **{**known, **overrides})
 
+    @classmethod
+    def of_stage(cls, section: str, node, device: torch.device, seed: int) -> TrainSettings:
+        """A stage's settings: its config section, where ``auto`` switches (bf16, compile) mean "on CUDA", the
+        distillation weight counts only with a teacher, and checkpoints default to ``<out>.resume``."""
+
+        def switch(value) -> bool:
+            return device.type == "cuda" if value == "auto" else bool(value)
+
+        distill = node.get("distill") or {}
+        return cls.from_cfg(
+            section,
+            node,
+            bf16=switch(node.bf16),
+            compile=switch(node.compile),
+            distill_weight=float(distill.get("weight", 0.0)) if distill.get("teacher") else 0.0,
+            distill_temperature=float(distill.get("temperature", 1.0)),
+            seed=seed,
+            resume_dir=str(node.resume_dir or f"{node.out}.resume"),
+        )
+
     @property
     def steps(self) -> int:
         if self.tokens is not None:
@@ -504,6 +524,19 @@ class TrainResult:
     mfu: float
     peak_flops: float  # MFU's denominator, per GPU
     resumed_from: int  # the step the run continued from (0: a fresh start)
+
+    def summary(self, wall_seconds: float) -> dict:
+        """The run's summary metrics, as the stages log them."""
+        return {
+            "heldout_loss_before": self.heldout_loss_before,
+            "heldout_loss_after": self.heldout_loss_after,
+            "train_tokens": self.tokens,
+            "tokens_per_second_median": self.tokens_per_second,
+            "mfu_median": self.mfu,
+            "peak_flops": self.peak_flops,
+            "resumed_from_step": self.resumed_from,
+            "wall_seconds": wall_seconds,
+        }
 
 
 def train(

@@ -20,13 +20,28 @@ distances between the heads' K/V *outputs* on the calibration inputs X.
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 from kvshare.errors import KVShareError
 
 
+def checkpoint_head_vectors(tensors, num_layers: int, head_dim: int):
+    """Per layer, one row per KV head: its K and V projection rows [W | b] as float32, read from a checkpoint's
+    weights (:class:`kvshare.checkpoint.Tensors`) one layer at a time."""
+    for i in range(num_layers):
+        parts = []
+        for proj in ("k", "v"):
+            name = f"model.layers.{i}.self_attn.{proj}_proj"
+            w = tensors.float32(f"{name}.weight")
+            if f"{name}.bias" in tensors:
+                w = np.concatenate([w, tensors.float32(f"{name}.bias")[:, None]], axis=1)
+            parts.append(w.reshape(w.shape[0] // head_dim, -1))
+        yield np.concatenate(parts, axis=1)
+
+
 def kv_projections(model) -> list[tuple]:
-    """Per layer, the (k_proj, v_proj, head_dim) of its attention; a one-line error if there are none."""
+    """Per layer, the (k_proj, v_proj, head_dim) of a model object's attention; a one-line error if there are none."""
+    import torch
+
     kind = getattr(model.config, "model_type", type(model).__name__)
     layers = getattr(getattr(model, "model", None), "layers", None)
     if layers is None:
@@ -57,6 +72,8 @@ def kv_head_vectors(model, factors: list[np.ndarray] | None = None) -> list[np.n
     below). ``factors[i]`` is (in_features + has_bias, r): a factor of the
     layer's input covariance (bias input 1 appended), so rows become output-space vectors.
     """
+    import torch
+
     out = []
     for i, (k_proj, v_proj, head_dim) in enumerate(kv_projections(model)):
         n_kv = k_proj.out_features // head_dim
@@ -87,8 +104,8 @@ def pairwise_sq_dists(x: np.ndarray) -> np.ndarray:
         x = x - x.mean(axis=0)
         gram = x @ x.T
     else:
-        t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
-        gram = (t @ t.T).to(torch.float64).numpy()
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        gram = (x @ x.T).astype(np.float64)
     sq = np.diag(gram)
     d = np.maximum(sq[:, None] + sq[None, :] - 2.0 * gram, 0.0)
     d = (d + d.T) / 2.0

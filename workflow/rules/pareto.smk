@@ -1,9 +1,9 @@
 METRICS = [
-    f"{RESULTS}/metrics/{model}/{method}/{budget}/{variant}.json"
+    path("metrics", model=model, method=method, budget=budget, variant=variant)
     for model, method, budget in GRID
     for variant in VARIANTS
 ] + [
-    f"{RESULTS}/metrics/{model}/pretrained/{layout}.json"
+    path("metrics_pretrained", model=model, layout=layout)
     for model in config["models"]
     for layout in (PRETRAIN or {}).get("layouts", [])
 ]
@@ -15,12 +15,11 @@ rule pareto:
     """One table of every variant read back from MLflow, Pareto fronts of quality against KV bytes, plots."""
     input:
         metrics=METRICS,
-        code=code("pareto", "fronts", "comparisons"),
+        code=code("kvshare.pareto", "pareto"),
     output:
         PARETO,
     params:
         hydra=hydra("pareto", STUDY),
-        model=config["models"][0],
         metrics=lambda wc, input: ",".join(input.metrics),
         out_dir=lambda wc, output: os.path.dirname(output[0]),
     conda:
@@ -28,5 +27,5 @@ rule pareto:
     log:
         f"{LOGS}/pareto.log",
     shell:
-        "python -m kvshare.pareto {params.hydra} model={params.model} 'pareto.metrics=[{params.metrics}]' "
+        "python -m kvshare.pareto {params.hydra} 'pareto.metrics=[{params.metrics}]' "
         "pareto.out_dir={params.out_dir} > {log} 2>&1"

@@ -1,22 +1,22 @@
 rule pretrain:
     """Train a model from scratch in one attention layout; every layout sees the same tokens in the same order."""
     input:
-        tokenizer="resources/models/{model}",
-        data=f"resources/data/{{model}}/{DATA}",
-        code=code("pretrain", "training", "finetune", "modeling", "merge", "plan", "data", "models"),
+        tokenizer=path("model"),
+        data=path("tokens", data=DATA),
+        code=code("kvshare.pretrain", "pretrain", "model={model}", "data={data}", "scale={scale}"),
     output:
-        directory(f"{RESULTS}/pretrained/{{model}}/{{layout}}"),
+        directory(path("pretrained")),
     params:
         hydra=lambda wc: hydra("pretrain", f"{wc.model}/{wc.layout}"),
     conda:
         "../../environment.yml"
     log:
-        f"{LOGS}/pretrain/{{model}}_{{layout}}.log",
+        path("log", rule="pretrain", name="{model}_{layout}"),
     benchmark:
-        f"{LOGS}/benchmarks/pretrain/{{model}}_{{layout}}.tsv"
+        path("benchmark", rule="pretrain", name="{model}_{layout}")
     resources:
         gpu=1,
     shell:
-        "python -m kvshare.pretrain {params.hydra} model={wildcards.model} data={DATA} "
+        "python -m kvshare.pretrain {params.hydra} model={wildcards.model} data={DATA} scale={SCALE} "
         "pretrain.layout={wildcards.layout} pretrain.tokenizer={input.tokenizer} pretrain.data_dir={input.data} "
         "pretrain.out={output} > {log} 2>&1"
