@@ -1,11 +1,6 @@
-"""Shared fixtures."""
+"""Shared test settings."""
 
-import pytest
+import os
 
-from tests.builders import make_cfg
-
-
-@pytest.fixture
-def cfg_factory(tmp_path):
-    """Compose the stage config with the MLflow store inside the test's temp folder."""
-    return lambda *overrides: make_cfg(tmp_path, *overrides)
+# Each test's MLflow store gets its own tracking service (kvshare.tracking): let idle ones go soon.
+os.environ.setdefault("KVSHARE_TRACKING_IDLE", "20")

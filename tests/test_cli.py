@@ -5,7 +5,7 @@ import json
 import pytest
 
 from kvshare import convert, evaluate, search
-from kvshare.models import save_model
+from kvshare.checkpoint import save_model
 from kvshare.plan import ModelShape, Plan
 from tests.builders import tiny_llama
 

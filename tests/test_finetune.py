@@ -14,12 +14,12 @@ import torch
 import torch.nn.functional as F
 from mlflow.tracking import MlflowClient
 
-from kvshare import convert, prepare, search, tokenize
+from kvshare import convert, prepare, search, tokens
+from kvshare.checkpoint import load_model
 from kvshare.data import load_tokens, tokenize_corpus
 from kvshare.errors import KVShareError
-from kvshare.models import load_model
 from kvshare.training import TrainSettings, heldout_windows, latest_checkpoint, lm_loss, train
-from tests.builders import make_cfg, tiny_llama
+from tests.builders import make_cfg, pipeline_cfg, tiny_llama
 
 CPU = torch.device("cpu")
 
@@ -296,13 +296,12 @@ def test_pretrain_writes_loadable_checkpoints_in_any_layout_from_the_same_tokens
     import json
 
     from kvshare import pretrain
-    from kvshare.models import load_model
     from kvshare.plan import Plan
-    from tests.builders import make_cfg
 
     def cfg(layout, *o):
         return make_cfg(
             tmp_path,
+            "pretrain",
             "model.num_hidden_layers=2",
             f"pretrain.layout={layout}",
             f"pretrain.out={tmp_path}/{layout}",
@@ -338,15 +337,17 @@ def test_pretrain_writes_loadable_checkpoints_in_any_layout_from_the_same_tokens
 def test_finetune_entry_point_under_torchrun_matches_one_process_in_ddp_and_fsdp(tmp_path):
     """``python -m kvshare.finetune`` on 1 process, and under ``torchrun`` on 2 gloo ranks with DDP and FSDP."""
 
-    def cfg(*o):
-        return make_cfg(tmp_path, "model.num_hidden_layers=2", "search.progress=false", *o)
-
-    prepare.run(cfg(f"prepare.out={tmp_path}/base"))
-    tokenize.run(cfg(f"tokenize.model_dir={tmp_path}/base", f"tokenize.out={tmp_path}/data"))
-    search.run(cfg(f"search.model_dir={tmp_path}/base", "search.method=gqa", f"search.out={tmp_path}/p.json"))
+    cfg = pipeline_cfg(tmp_path, "model.num_hidden_layers=2")
+    prepare.run(cfg("prepare", f"prepare.out={tmp_path}/base"))
+    tokens.run(cfg("tokenize", f"tokenize.model_dir={tmp_path}/base", f"tokenize.out={tmp_path}/data"))
+    search.run(
+        cfg("search", "search.progress=false", f"search.model_dir={tmp_path}/base", "search.method=gqa",
+            f"search.out={tmp_path}/p.json")
+    )  # fmt: skip
     convert.run(
-        cfg(f"convert.model_dir={tmp_path}/base", f"convert.plan={tmp_path}/p.json", f"convert.out={tmp_path}/ck")
-    )
+        cfg("convert", f"convert.model_dir={tmp_path}/base", f"convert.plan={tmp_path}/p.json",
+            f"convert.out={tmp_path}/ck")
+    )  # fmt: skip
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     launchers = {

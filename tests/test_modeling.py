@@ -6,8 +6,8 @@ import transformers.integrations.sdpa_attention as sdpa_attention
 import transformers.models.llama.modeling_llama as modeling_llama
 from transformers import AutoModelForCausalLM
 
-import kvshare  # noqa: F401  (registers kvshare_llama)
-from kvshare.merge import convert_model, to_plain_llama
+import kvshare.modeling  # noqa: F401  (registers kvshare_llama)
+from kvshare.merge import convert_model
 from kvshare.modeling import KVShareStaticCache, cache_bytes
 from kvshare.plan import ModelShape, Plan, cla_pattern
 from tests.builders import tiny_llama
@@ -68,7 +68,7 @@ def test_gqa_conversion_is_the_mean_pool(base, shape):
 def test_permuted_ec_export_equals_unpermuted_model(base, shape):
     plan = Plan(shape, ((0, 1, 0, 1), (1, 0, 0, 1), (0, 0, 1, 1), (0, 1, 1, 0)), tuple(range(4)), "qcqa-ec")
     unpermuted = convert_model(base, plan, permute=False)
-    plain = to_plain_llama(unpermuted)
+    plain = convert_model(base, plan, export=True)
     assert type(plain).__name__ == "LlamaForCausalLM" and plain.config.num_key_value_heads == 2
     x = tokens()
     assert (plain(x).logits - unpermuted(x).logits).abs().max() <= 1e-5

@@ -9,8 +9,8 @@ import torch
 from tokenizers import Tokenizer, models
 
 from kvshare import search
+from kvshare.checkpoint import save_model
 from kvshare.errors import KVShareError
-from kvshare.models import save_model
 from kvshare.plan import Plan
 from tests.builders import make_cfg, tiny_llama
 
@@ -41,6 +41,7 @@ def run(root, tmp_path, method, budget, *extra, model="mha"):
     out = tmp_path / f"{method}.json"
     cfg = make_cfg(
         root,  # one MLflow store for the module: creating its tables costs seconds
+        "search",
         f"search.model_dir={root / model}",
         f"search.method={method}",
         f"search.budget={budget}",
@@ -132,7 +133,7 @@ def test_output_proxy_and_rank_check(root, tmp_path):
 def test_output_proxy_equals_distances_of_outputs(root):
     """WSE on output vectors W R equals the squared error of the merged heads' K/V outputs on the inputs."""
     from kvshare import proxy
-    from kvshare.models import load_model
+    from kvshare.checkpoint import load_model
     from kvshare.wse import wse
 
     model, _ = load_model(root / "mha")

@@ -8,27 +8,28 @@ import pandas as pd
 import pytest
 import torch
 
-from kvshare import convert, evaluate, finetune, prepare, search, tokenize
+from kvshare import convert, evaluate, finetune, prepare, search, tokens
+from kvshare.checkpoint import load_model
 from kvshare.data import load_tokens
 from kvshare.fronts import pareto_mask
-from kvshare.models import load_model
 from kvshare.pareto import plot
-from tests.builders import make_cfg
+from tests.builders import pipeline_cfg
 
 
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
     root = tmp_path_factory.mktemp("pipe")
 
-    def cfg(*o):
-        return make_cfg(root, "model.num_hidden_layers=2", *o)
-
-    prepare.run(cfg(f"prepare.out={root}/base"))
-    tokenize.run(cfg(f"tokenize.model_dir={root}/base", f"tokenize.out={root}/data"))
+    cfg = pipeline_cfg(root, "model.num_hidden_layers=2")
+    prepare.run(cfg("prepare", f"prepare.out={root}/base"))
+    tokens.run(cfg("tokenize", f"tokenize.model_dir={root}/base", f"tokenize.out={root}/data"))
     search.run(
-        cfg(f"search.model_dir={root}/base", "search.method=gqa", "search.budget=0.5", f"search.out={root}/p.json")
+        cfg("search", f"search.model_dir={root}/base", "search.method=gqa", "search.budget=0.5",
+            f"search.out={root}/p.json")
+    )  # fmt: skip
+    convert.run(
+        cfg("convert", f"convert.model_dir={root}/base", f"convert.plan={root}/p.json", f"convert.out={root}/ck")
     )
-    convert.run(cfg(f"convert.model_dir={root}/base", f"convert.plan={root}/p.json", f"convert.out={root}/ck"))
     return root, cfg
 
 
@@ -36,6 +37,7 @@ def test_finetune_lowers_heldout_loss_and_writes_a_checkpoint(pipeline):
     root, cfg = pipeline
     out = finetune.run(
         cfg(
+            "finetune",
             f"finetune.checkpoint={root}/ck",
             f"finetune.data_dir={root}/data",
             f"finetune.out={root}/ft",
@@ -53,6 +55,7 @@ def test_evaluate_perplexity_equals_direct_computation(pipeline):
     root, cfg = pipeline
     summary = evaluate.run(
         cfg(
+            "evaluate",
             f"evaluate.checkpoint={root}/ck",
             f"evaluate.base_dir={root}/base",
             f"evaluate.data_dir={root}/data",
@@ -62,7 +65,7 @@ def test_evaluate_perplexity_equals_direct_computation(pipeline):
             "evaluate.tasks=[]",
         )
     )
-    model, _ = load_model(root / "ck")
+    model, _ = load_model(root / "ck", dtype=torch.float32)
     val = torch.from_numpy(np.asarray(load_tokens(root / "data", "val")[: 3 * 32], dtype=np.int64)).view(3, 32)
     with torch.no_grad():
         logits = model(val).logits[:, :-1]
@@ -80,10 +83,10 @@ def test_evaluate_out_of_memory_names_the_settings_to_lower(pipeline, monkeypatc
     def oom(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory")
 
-    monkeypatch.setattr("kvshare.evaluate.perplexity_and_agreement", oom)
+    monkeypatch.setattr("kvshare.metrics.perplexity_and_agreement", oom)
     with pytest.raises(evaluate.KVShareError, match=r"evaluate.batch_size=3, seq_len=32, zeroshot_batch_size=5: lower"):
         evaluate.run(
-            cfg(f"evaluate.checkpoint={root}/ck", f"evaluate.base_dir={root}/base", f"evaluate.data_dir={root}/data",
+            cfg("evaluate", f"evaluate.checkpoint={root}/ck", f"evaluate.base_dir={root}/base", f"evaluate.data_dir={root}/data",
                 f"evaluate.out={root}/oom.json", "evaluate.seq_len=32", "evaluate.tasks=[]", "evaluate.batch_size=3",
                 "evaluate.zeroshot_batch_size=5")
         )  # fmt: skip
@@ -170,7 +173,8 @@ def test_seed_means_and_cla_table():
 
 
 def test_strided_perplexity_scores_each_token_once_with_more_context():
-    from kvshare.metrics import perplexity_and_agreement, windows
+    from kvshare.data import strided_windows as windows
+    from kvshare.metrics import perplexity_and_agreement
     from tests.builders import tiny_llama
 
     model = tiny_llama(layers=2)

@@ -16,7 +16,7 @@ from hydra import compose, initialize_config_dir
 from kvshare.cli import CONF_DIR
 from kvshare.tracking import stage_run
 with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-    cfg = compose("config", [f"mlflow.tracking_uri=sqlite:///{sys.argv[1]}/mlflow.db", "study=parallel"])
+    cfg = compose("finetune", [f"mlflow.tracking_uri=sqlite:///{sys.argv[1]}/mlflow.db", "study=parallel"])
 with stage_run(cfg, "probe", {"method": f"job{sys.argv[2]}"}) as run:
     for step in range(5):
         run.log_metrics({"x": step * int(sys.argv[2])}, step=step)
@@ -43,7 +43,7 @@ def test_eight_parallel_jobs_on_a_fresh_store_all_land(tmp_path):
 
 def test_a_failed_stage_keeps_its_error_in_mlflow(tmp_path):
     """A rerun overwrites the job's log: the FAILED run itself says why it failed."""
-    cfg = make_cfg(tmp_path, "study=failing")
+    cfg = make_cfg(tmp_path, "evaldata", "study=failing")
     with pytest.raises(KVShareError), stage_run(cfg, "probe"):
         raise KVShareError("finetune.micro_batch=64 does not fit: lower it")
     runs = runs_frame(f"sqlite:///{tmp_path}/mlflow.db", experiment="failing")

@@ -175,8 +175,9 @@ def convert_tensors(plan: Plan, names: Iterable[str], get: Callable, permute: bo
             yield name, pending.pop(name)
 
 
-def convert_model(base, plan: Plan, permute: bool = True):
-    """The converted model in memory (the base model's dtype): for tests, benchmarks and pretraining exports."""
+def convert_model(base, plan: Plan, permute: bool = True, export: bool = False):
+    """The converted model in memory (the base model's dtype), for tests and benchmarks: a ``kvshare_llama`` model,
+    or with ``export`` what the convert stage writes (the source's architecture for plain GQA layouts)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -187,7 +188,8 @@ def convert_model(base, plan: Plan, permute: bool = True):
         raise KVShareError(f"plan is for a model of shape {vars(plan.shape)} but the base model is {vars(shape)}")
     state = base.state_dict()
     source = base.config.to_dict()
-    config = converted_config(source, plan, query_maps(plan, permute))
+    maps = query_maps(plan, permute)
+    config = converted_config(source, plan, maps) if export else kvshare_config(source, maps, list(plan.kv_layer))
     config.pop("dtype", None)
     kind = config.pop("model_type")
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(kind, **config)).to(next(base.parameters()).dtype)
