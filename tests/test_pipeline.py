@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -128,6 +129,38 @@ def test_editing_a_stage_reruns_it(workflow_copy, done):
     finally:
         code.write_text(original)
     assert "rule pareto:" in out and "rule evaluate:" not in out
+
+
+# Which rules' configs compose each conf file under the tiny grid (scale smoke, data pydoc, model tiny).
+COMPOSED_BY = {
+    "common.yaml": set(STAGES),
+    "model/tiny.yaml": {"prepare_model", "tokenize", "search", "convert"},
+    "data/pydoc.yaml": {"prepare_model", "tokenize"},
+    "search.yaml": {"search"},
+    "search/paper.yaml": set(),  # a preset no rule selects
+    "training/default.yaml": {"finetune"},  # and pretrain, which the tiny grid does not run
+    "scale/smoke.yaml": {"search", "finetune", "evaluate"},
+    "scale/finetune/smoke.yaml": {"finetune"},
+    "scale/evaluate/gpu.yaml": set(),  # another scale
+    "evaluate.yaml": {"evaluate"},
+    "evaldata.yaml": {"evaldata"},
+}
+
+
+def test_editing_a_conf_file_reruns_exactly_the_stages_that_compose_it(workflow_copy, done):
+    for name, expected in COMPOSED_BY.items():
+        conf = workflow_copy / "conf" / name
+        original, stat = conf.read_text(), conf.stat()
+        conf.write_text(original + "\n# an edit\n")
+        try:
+            out = snakemake(workflow_copy, done, "-n").stdout
+        finally:
+            conf.write_text(original)
+            os.utime(conf, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+        # The rules whose own inputs changed (their dependants rerun too, for another reason).
+        jobs = re.split(r"\n(?:local)?rule ", out)[1:]
+        changed = {job.split(":")[0] for job in jobs if "Updated input files" in job and f"conf/{name}" in job}
+        assert changed == expected, name
 
 
 def kill_matching(fragment: str) -> int:

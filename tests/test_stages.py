@@ -77,6 +77,19 @@ def test_evaluate_perplexity_equals_direct_computation(pipeline):
     assert m["kv_fraction"] == 0.5 and 0 < m["top1_agreement"] <= 1 and m["kl_to_base"] > 0
 
 
+def test_evaluate_kl_with_the_base_logits_taken_first_equals_both_models_resident(pipeline):
+    root, cfg = pipeline
+    common = (f"evaluate.checkpoint={root}/ck", f"evaluate.base_dir={root}/base", f"evaluate.data_dir={root}/data",
+              "evaluate.seq_len=32", "evaluate.max_windows=5", "evaluate.batch_size=2", "evaluate.tasks=[]")  # fmt: skip
+    runs = {
+        kl: evaluate.run(cfg("evaluate", *common, f"evaluate.kl={kl}", f"evaluate.out={root}/{kl}.json"))["metrics"]
+        for kl in ("resident", "sequential")
+    }
+    for key in ("perplexity", "kl_to_base", "top1_agreement", "eval_tokens"):
+        assert runs["sequential"][key] == pytest.approx(runs["resident"][key], rel=1e-6), key
+    assert runs["resident"]["kl_to_base"] > 0
+
+
 def test_evaluate_out_of_memory_names_the_settings_to_lower(pipeline, monkeypatch):
     root, cfg = pipeline
 

@@ -82,7 +82,9 @@ def tokenize_corpus(tokenizer, docs, out_dir: str | Path, val_fraction: float) -
 def load_tokens(data_dir: str | Path, split: str) -> np.ndarray:
     path = Path(data_dir) / f"{split}.bin"
     if not path.exists():
-        raise KVShareError(f"{path} does not exist: run kvshare.tokenize first (the tokenize rule)")
+        raise KVShareError(
+            f"{path} does not exist: run the tokenize stage first (python -m kvshare.tokens, rule tokenize)"
+        )
     return np.memmap(path, dtype=np.uint32, mode="r")
 
 

@@ -74,13 +74,51 @@ def model_dtype(name: str, device):
     return getattr(torch, name)
 
 
+def fit_both(e: DictConfig, device, dtype) -> bool:
+    """``evaluate.kl``: whether the base model stays on the device beside the variant (``resident``), or its
+    logits are taken first and kept on the host (``sequential``); ``auto`` keeps both where their weights
+    and a batch's float32 logits fit in the free device memory with a fifth to spare."""
+    if e.kl not in ("auto", "resident", "sequential"):
+        raise KVShareError(f"evaluate.kl={e.kl!r} is not known; use auto, resident or sequential")
+    if e.kl != "auto" or device.type != "cuda":
+        return e.kl != "sequential"
+    import torch
+
+    from kvshare.checkpoint import Tensors, read_config
+
+    weights = (Tensors(e.checkpoint).numel() + Tensors(e.base_dir).numel()) * dtype.itemsize
+    logits = 3 * 4 * e.batch_size * e.seq_len * read_config(e.base_dir)["vocab_size"]
+    return weights + logits < 0.8 * torch.cuda.mem_get_info(device)[0]
+
+
+def quality(e: DictConfig, batches, device, dtype) -> tuple:
+    """The variant (loaded), its tokenizer and its perplexity, KL and top-1 agreement against the base model,
+    with ``quality_seconds``: the forward passes of both models over the windows, loading excluded."""
+    from kvshare.checkpoint import load_model
+    from kvshare.metrics import base_logits, perplexity_and_agreement
+
+    if fit_both(e, device, dtype):
+        model, tokenizer = load_model(e.checkpoint, device, dtype)
+        base, _ = load_model(e.base_dir, device, dtype)
+        t0 = time.perf_counter()
+        metrics = perplexity_and_agreement(model, batches, e.batch_size, base, device, e.stride)
+        return model, tokenizer, metrics | {"quality_seconds": time.perf_counter() - t0}
+    base, _ = load_model(e.base_dir, device, dtype)
+    t0 = time.perf_counter()
+    reference = base_logits(base, batches, e.batch_size, device)
+    seconds = time.perf_counter() - t0
+    del base  # the variant takes its place on the device
+    model, tokenizer = load_model(e.checkpoint, device, dtype)
+    t0 = time.perf_counter()
+    metrics = perplexity_and_agreement(model, batches, e.batch_size, reference, device, e.stride)
+    return model, tokenizer, metrics | {"quality_seconds": seconds + time.perf_counter() - t0}
+
+
 def run(cfg: DictConfig) -> dict:
     import torch
 
-    from kvshare.checkpoint import load_model
     from kvshare.data import load_tokens, strided_windows
     from kvshare.devices import resolve_device
-    from kvshare.metrics import perplexity_and_agreement
 
     e = cfg.evaluate
     if e.variant not in VARIANTS:
@@ -95,11 +133,11 @@ def run(cfg: DictConfig) -> dict:
         mlrun.set_tags({"kvshare.input_runs": ",".join(v for v in spec["runs"].values() if v)})
         t0 = time.perf_counter()
         try:
-            model, tokenizer = load_model(e.checkpoint, device, dtype)
-            base, _ = load_model(e.base_dir, device, dtype)
-            metrics = perplexity_and_agreement(model, batches, e.batch_size, base, device, e.stride)
-            del base
+            model, tokenizer, metrics = quality(e, batches, device, dtype)
+            t0_zeroshot = time.perf_counter()
             metrics |= zeroshot_metrics(model, tokenizer, e, device)
+            if e.tasks:
+                metrics["zeroshot_seconds"] = time.perf_counter() - t0_zeroshot
             measured = measured_cache_bytes_per_token(model, batches[0].to(device))
         except torch.OutOfMemoryError:  # e.g. when other jobs share the GPU
             raise KVShareError(

@@ -6,6 +6,11 @@ previous window are scored, so every token is scored once and with the longest
 context the window allows (the usual sliding-window perplexity). KL(base ‖
 variant) of next-token distributions and top-1 agreement still separate
 variants where a small model's zero-shot accuracy sits near chance.
+
+The base model's logits come from the base model itself, resident beside the
+variant, or from :func:`base_logits`, taken in a pass of their own and kept on
+the host in the model's dtype (bf16 logits are stored exactly), when the two
+models do not fit the device together.
 """
 
 from __future__ import annotations
@@ -17,11 +22,19 @@ import torch.nn.functional as F
 
 
 @torch.no_grad()
+def base_logits(base, batches: torch.Tensor, batch_size: int, device="cpu") -> list[torch.Tensor]:
+    """The base model's next-token logits for each batch of windows, on the host, in the model's own dtype."""
+    return [base(input_ids=batches[i : i + batch_size].to(device)).logits[:, :-1].cpu()
+            for i in range(0, len(batches), batch_size)]  # fmt: skip
+
+
+@torch.no_grad()
 def perplexity_and_agreement(
     model, batches: torch.Tensor, batch_size: int, base=None, device="cpu", stride: int | None = None
 ) -> dict:
     """Perplexity of ``model`` on the scored next tokens of each window; with ``base``, also KL and top-1 agreement.
 
+    ``base`` is the base model, or its logits per batch (:func:`base_logits`, same ``batch_size``).
     The first window scores every prediction; later ones only their last ``stride`` (new) tokens.
     """
     seq_len = batches.shape[1]
@@ -37,7 +50,8 @@ def perplexity_and_agreement(
         nll -= logp.gather(-1, x[:, 1:, None]).squeeze(-1)[scored].sum().item()
         count += int(scored.sum())
         if base is not None:
-            base_logp = F.log_softmax(base(input_ids=x).logits[:, :-1].float(), -1)
+            logits = base[i // batch_size].to(device) if isinstance(base, list) else base(input_ids=x).logits[:, :-1]
+            base_logp = F.log_softmax(logits.float(), -1)
             kl += F.kl_div(logp, base_logp, log_target=True, reduction="none").sum(-1)[scored].sum().item()
             agree += (logp.argmax(-1) == base_logp.argmax(-1))[scored].sum().item()
     out = {"perplexity": math.exp(nll / count), "nll": nll / count, "eval_tokens": count}

@@ -17,7 +17,7 @@ Every layout trained with the same tokenizer, token files and seed sees the
 same tokens in the same order (kvshare.training); the token files' hash is
 recorded to show it. With no ``pretrain.tokenizer`` a byte-level BPE is trained
 on the training documents only; with no ``pretrain.data_dir`` the corpus
-(``data=``) is split and tokenized here as kvshare.tokenize would.
+(``data=``) is split and tokenized here as the tokenize stage would.
 
 Output, in the format convert writes: MHA/GQA/MQA as a plain Llama, CLA layouts
 as ``kvshare_llama`` with its remote code; always a ``kvshare_spec.json`` whose

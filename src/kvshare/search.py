@@ -189,7 +189,7 @@ def run(cfg: DictConfig) -> dict:
     if (s.proxy == "output" or check) and not s.calibration.data_dir:
         raise KVShareError(
             "search.proxy=output and search.proxy_check need calibration tokens: set search.calibration.data_dir "
-            "to a folder written by kvshare.tokenize"
+            "to a folder written by the tokenize stage (kvshare.tokens)"
         )
     tags = {"model": cfg.model.name, "method": s.method, "budget": budget}
     with stage_run(cfg, "search", tags) as mlrun:
