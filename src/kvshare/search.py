@@ -294,7 +294,8 @@ def _layer_fronts_figure(plt, result: qcqa.SearchResult, dists: list[np.ndarray]
     n = dists[0].shape[0]
     cols = int(np.ceil(np.sqrt(len(result.fronts))))
     rows = int(np.ceil(len(result.fronts) / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 1.8 * rows), squeeze=False, sharex=True)
+    width, height = 2.2 * cols, 1.8 * rows
+    fig, axes = plt.subplots(rows, cols, figsize=(width, height), squeeze=False, sharex=True)
     for ax, (i, front), groups in zip(axes.flat, enumerate(result.fronts), result.groups, strict=False):
         d = front.to_dict()
         ax.plot(np.array(d["n_kv"]) / n, d["wse"], ".-", ms=3, lw=0.8)
@@ -305,7 +306,9 @@ def _layer_fronts_figure(plt, result: qcqa.SearchResult, dists: list[np.ndarray]
         ax.axis("off")
     fig.supxlabel("KV fraction of the layer")
     fig.supylabel("WSE")
-    fig.tight_layout()
+    # Margins in inches, not tight_layout: measuring dozens of panels draws the figure once more (a third of a
+    # QCQA job's wall time on SmolLM2; the picture is the same).
+    fig.subplots_adjust(0.75 / width, 0.6 / height, 1 - 0.1 / width, 1 - 0.3 / height, wspace=0.32, hspace=0.4)
     return fig
 
 
