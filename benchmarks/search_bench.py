@@ -185,6 +185,83 @@ def proxy_check(model, tok, work: Path, quick: bool) -> dict:
     return out
 
 
+def llama2_7b_shape(quick: bool, repeats: int) -> dict:
+    """WSE throughput, two-stage wall time and WSE per budget on the Llama-2-7B shape (synthetic weights)."""
+    n = 32
+    t_gram, dists7, first = 0.0, [], None
+    for w in synthetic_layers(32, n, 128, 4096):
+        t = time.perf_counter()
+        dists7.append(pairwise_sq_dists(head_vectors(w, n)))
+        t_gram += time.perf_counter() - t
+        first = w if first is None else first
+    out = {"throughput_8_groups": throughput(first, n, 8, repeats), "gram_seconds": t_gram}
+    del first
+    print(json.dumps(out, indent=1), flush=True)
+    gens = 20 if quick else 100
+    timing = {}
+    for workers in (2,) if quick else (2, 1):
+        t = time.perf_counter()
+        r = qcqa.search(
+            dists7,
+            512,
+            solver="nsga",
+            nsga_settings=NSGASettings(**{**vars(DEFAULT), "generations": gens, "pop_size": 100}),
+            workers=workers,
+        )
+        timing[f"workers={workers}"] = {
+            "search_seconds": time.perf_counter() - t,
+            "with_gram_seconds": time.perf_counter() - t + t_gram,
+            "stage1_seconds": r.stage1.seconds,
+            "stage2_seconds": r.stage2.seconds,
+            "evaluations": r.evaluations,
+            "generations": gens,
+        }
+    out["two_stage_pop100"] = timing
+    print(json.dumps(timing, indent=1), flush=True)
+    for equal in (False, True):
+        key = "qcqa-ec" if equal else "qcqa-ac"
+        out[key] = wse_by_budget(dists7, methods(quick), BUDGETS, equal)
+        print(key, json.dumps(out[key], indent=1), flush=True)
+    return out
+
+
+def gpt2_small_shape(quick: bool) -> dict:
+    """WSE per budget on the GPT-2-small shape, where the exact solver is feasible."""
+    dists12 = [pairwise_sq_dists(head_vectors(w, 12)) for w in synthetic_layers(12, 12, 64, 768, seed=1)]
+    out = {}
+    for equal in (False, True):
+        key = "qcqa-ec" if equal else "qcqa-ac"
+        out[key] = wse_by_budget(dists12, methods(quick), BUDGETS, equal)
+        print("12x12", key, json.dumps(out[key], indent=1), flush=True)
+    return out
+
+
+def smollm2_135m(cache: Path, quick: bool, repeats: int) -> dict:
+    """Throughput and WSE per budget on SmolLM2-135M (real weights if the loader can get them), and the proxy check."""
+    base = smollm2(cache)
+    if base is not None:
+        model, tok = base
+        vecs = kv_head_vectors(model)
+        k_proj = model.model.layers[0].self_attn.k_proj
+        first = torch.stack([k_proj.weight.detach(), model.model.layers[0].self_attn.v_proj.weight.detach()])
+        source = "real (SmolLM2-135M-Instruct, GGUF Q4_1 dequantised)"
+    else:
+        layers = list(synthetic_layers(30, 3, 64, 576, seed=2))
+        vecs = [head_vectors(w, 3) for w in layers]
+        first = layers[0]
+        source = "synthetic"
+    dists3 = [pairwise_sq_dists(v) for v in vecs]
+    out = {"weights": source, "throughput_2_groups": throughput(first, 3, 2, repeats)}
+    for equal in (False, True):
+        key = "qcqa-ec" if equal else "qcqa-ac"
+        out[key] = wse_by_budget(dists3, methods(quick), (2 / 3, 0.5, 1 / 3), equal)
+    print("smollm2", json.dumps(out, indent=1), flush=True)
+    if base is not None:
+        out["proxy_rank_check"] = proxy_check(model, tok, cache / "bench", quick)
+        print(json.dumps(out["proxy_rank_check"], indent=1), flush=True)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
@@ -204,75 +281,9 @@ def main() -> None:
         },
         "command": " ".join(sys.argv),
     }
-
-    # --- Llama-2-7B shape ---------------------------------------------------------------------------
-    n = 32
-    t_gram, dists7, first = 0.0, [], None
-    for w in synthetic_layers(32, n, 128, 4096):
-        t = time.perf_counter()
-        dists7.append(pairwise_sq_dists(head_vectors(w, n)))
-        t_gram += time.perf_counter() - t
-        first = w if first is None else first
-    report["llama2_7b"] = {"throughput_8_groups": throughput(first, n, 8, repeats), "gram_seconds": t_gram}
-    del first
-    print(json.dumps(report["llama2_7b"], indent=1), flush=True)
-    gens = 20 if args.quick else 100
-    timing = {}
-    for workers in (2,) if args.quick else (2, 1):
-        t = time.perf_counter()
-        r = qcqa.search(
-            dists7,
-            512,
-            solver="nsga",
-            nsga_settings=NSGASettings(**{**vars(DEFAULT), "generations": gens, "pop_size": 100}),
-            workers=workers,
-        )
-        timing[f"workers={workers}"] = {
-            "search_seconds": time.perf_counter() - t,
-            "with_gram_seconds": time.perf_counter() - t + t_gram,
-            "stage1_seconds": r.stage1.seconds,
-            "stage2_seconds": r.stage2.seconds,
-            "evaluations": r.evaluations,
-            "generations": gens,
-        }
-    report["llama2_7b"]["two_stage_pop100"] = timing
-    print(json.dumps(timing, indent=1), flush=True)
-    for equal in (False, True):
-        key = "qcqa-ec" if equal else "qcqa-ac"
-        report["llama2_7b"][key] = wse_by_budget(dists7, methods(args.quick), BUDGETS, equal)
-        print(key, json.dumps(report["llama2_7b"][key], indent=1), flush=True)
-
-    # --- GPT-2-small shape (exact solver feasible) ------------------------------------------------------
-    dists12 = [pairwise_sq_dists(head_vectors(w, 12)) for w in synthetic_layers(12, 12, 64, 768, seed=1)]
-    report["gpt2_small_shape"] = {}
-    for equal in (False, True):
-        key = "qcqa-ec" if equal else "qcqa-ac"
-        report["gpt2_small_shape"][key] = wse_by_budget(dists12, methods(args.quick), BUDGETS, equal)
-        print("12x12", key, json.dumps(report["gpt2_small_shape"][key], indent=1), flush=True)
-
-    # --- SmolLM2-135M ------------------------------------------------------------------------------------
-    base = smollm2(args.cache)
-    if base is not None:
-        model, tok = base
-        vecs = kv_head_vectors(model)
-        k_proj = model.model.layers[0].self_attn.k_proj
-        first = torch.stack([k_proj.weight.detach(), model.model.layers[0].self_attn.v_proj.weight.detach()])
-        source = "real (SmolLM2-135M-Instruct, GGUF Q4_1 dequantised)"
-    else:
-        layers = list(synthetic_layers(30, 3, 64, 576, seed=2))
-        vecs = [head_vectors(w, 3) for w in layers]
-        first = layers[0]
-        source = "synthetic"
-    dists3 = [pairwise_sq_dists(v) for v in vecs]
-    report["smollm2_135m"] = {"weights": source, "throughput_2_groups": throughput(first, 3, 2, repeats)}
-    for equal in (False, True):
-        key = "qcqa-ec" if equal else "qcqa-ac"
-        report["smollm2_135m"][key] = wse_by_budget(dists3, methods(args.quick), (2 / 3, 0.5, 1 / 3), equal)
-    print("smollm2", json.dumps(report["smollm2_135m"], indent=1), flush=True)
-    if base is not None:
-        report["smollm2_135m"]["proxy_rank_check"] = proxy_check(model, tok, args.cache / "bench", args.quick)
-        print(json.dumps(report["smollm2_135m"]["proxy_rank_check"], indent=1), flush=True)
-
+    report["llama2_7b"] = llama2_7b_shape(args.quick, repeats)
+    report["gpt2_small_shape"] = gpt2_small_shape(args.quick)
+    report["smollm2_135m"] = smollm2_135m(args.cache, args.quick, repeats)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=1) + "\n")
