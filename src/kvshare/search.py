@@ -188,18 +188,9 @@ def find_groups(dists: list[np.ndarray], max_heads: int, s: DictConfig, settings
         )
     within = settings.method.within
     if within in ("qcqa-ac", "qcqa-ec"):
-        return qcqa.search(
-            dists,
-            max_heads,
-            equal_sizes=within == "qcqa-ec",
-            solver=s.solver,
-            stage2=s.stage2,
-            groups=s.groups,
-            nsga_settings=settings.nsga,
-            stage2_settings=settings.stage2_nsga,
-            progress=s.progress,
-            workers=s.workers,
-        )
+        options = {key: s[key] for key in ("solver", "stage2", "groups", "progress", "workers")}  # search.<key>
+        nsga = {"nsga_settings": settings.nsga, "stage2_settings": settings.stage2_nsga}
+        return qcqa.search(dists, max_heads, within == "qcqa-ec", **options, **nsga)
     groups = baseline_groups(within, layers, n, max_heads, settings.seed)
     errors = [wse(d, g) for d, g in zip(dists, groups, strict=True)]
     return qcqa.SearchResult(groups, errors, solver=within, evaluations=len(groups))
