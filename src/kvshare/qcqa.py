@@ -23,8 +23,8 @@ grouped layer at one count, scanned over all counts that fit).
 Run ``python -m kvshare.search`` (the stage) or call :func:`search` directly;
 it returns a :class:`SearchResult`, whose :class:`Stage1` and :class:`Stage2`
 say what each stage found and cost. Importing this module costs numpy only:
-scipy (balanced assignment), pymoo (:mod:`kvshare.nsga`, hypervolume) are
-imported where they are used, so the baselines and the DP never load them.
+scipy (balanced assignment) and pymoo (:mod:`kvshare.nsga`, the hypervolume
+indicator) load only inside the functions that use them.
 """
 
 from __future__ import annotations
