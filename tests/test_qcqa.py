@@ -7,8 +7,9 @@ import pytest
 
 from kvshare import exact, nsga, qcqa
 from kvshare.errors import KVShareError
-from kvshare.nsga import NSGASettings, balance_rows, hypervolume_2d, layer_hypervolume
-from kvshare.wse import pairwise_sq_dists, wse, wse_direct
+from kvshare.nsga import balance_rows
+from kvshare.qcqa import NSGASettings, hypervolume_2d, layer_hypervolume
+from kvshare.wse import divisors, pairwise_sq_dists, wse, wse_direct
 
 
 def layer(n, seed=0, dim=24):
@@ -58,10 +59,11 @@ def test_nsga_reaches_the_exact_front_on_12_heads(equal_sizes):
     _, d = layer(12, seed=5)
     _, best = exact.exact_front(d, equal_sizes)
     settings = NSGASettings(pop_size=100, generations=60, seed=3, seed_greedy=False)
-    fronts, info = qcqa.layer_fronts([d], equal_sizes, "nsga", settings)
-    scale = best[0]
-    assert layer_hypervolume(np.array(fronts[0].errors), scale) >= 0.99 * layer_hypervolume(np.array(best), scale)
-    assert info["hv_history"].shape == (61, 1) and np.all(np.diff(info["hv_history"][:, 0]) >= 0)
+    stage1 = qcqa.layer_fronts([d], equal_sizes, "nsga", settings)
+    found, scale = np.array(stage1.fronts[0].errors), best[0]
+    assert layer_hypervolume(found, scale) >= 0.99 * layer_hypervolume(np.array(best), scale)
+    assert stage1.hv_history.shape == (61, 1) and np.all(np.diff(stage1.hv_history[:, 0]) >= 0)
+    assert stage1.evaluations > 0 and stage1.seconds > 0
 
 
 # Operators only matter to NSGA-II.
@@ -71,8 +73,7 @@ def test_nsga_reaches_the_exact_front_on_12_heads(equal_sizes):
 def test_equal_sizes_give_only_equal_groups(solver, operators):
     dists = [layer(12, seed=s)[1] for s in range(3)]
     settings = NSGASettings(pop_size=30, generations=10, operators=operators)
-    fronts, _ = qcqa.layer_fronts(dists, True, solver, settings)
-    for front in fronts:
+    for front in qcqa.layer_fronts(dists, True, solver, settings).fronts:
         for k, g in enumerate(front.groupings, start=1):
             if 12 % k:
                 assert g is None
@@ -86,7 +87,7 @@ def test_balance_repair_makes_any_grouping_equal_sized():
     rng = np.random.default_rng(0)
     for n in (6, 12, 32):
         x = rng.integers(0, n, size=(200, n))
-        fixed = balance_rows(x, nsga.divisors(n), rng)
+        fixed = balance_rows(x, divisors(n), rng)
         for row in fixed:
             assert len(set(np.bincount(row))) == 1 and n % (row.max() + 1) == 0
 
@@ -116,13 +117,13 @@ def test_greedy_is_near_exact_and_seeding_keeps_it():
     _, best = exact.exact_front(d)
     greedy = qcqa.greedy_front(d, False)
     assert layer_hypervolume(np.array(greedy.errors), best[0]) >= 0.99 * layer_hypervolume(np.array(best), best[0])
-    seeded, _ = qcqa.layer_fronts([d], False, "nsga", NSGASettings(pop_size=20, generations=2))
+    seeded = qcqa.layer_fronts([d], False, "nsga", NSGASettings(pop_size=20, generations=2)).fronts
     assert all(s <= g + 1e-9 for s, g in zip(seeded[0].errors, greedy.errors, strict=True))
 
 
 def test_dp_allocation_is_optimal_and_the_global_front_is_monotone():
     dists = [layer(5, seed=s)[1] for s in range(3)]
-    fronts, _ = qcqa.layer_fronts(dists, False, "exact")
+    fronts = qcqa.layer_fronts(dists, False, "exact").fronts
     for budget in range(3, 16):
         counts = qcqa.allocate(fronts, budget)
         brute = min(
@@ -143,7 +144,9 @@ def test_binary_stage2_meets_the_budget_and_never_beats_the_dp():
     binary = qcqa.search(dists, 24, solver="greedy", stage2="nsga", stage2_settings=NSGASettings(generations=20))
     assert sum(max(g) + 1 for g in binary.groups) <= 24
     assert binary.total_wse >= dp.total_wse - 1e-9
-    assert binary.info["stage2_evaluations"] > 0
+    assert binary.stage2.solver == "nsga" and binary.stage2.evaluations > 0
+    assert binary.evaluations == binary.stage1.evaluations + binary.stage2.evaluations
+    assert dp.stage2.solver == "dp" and dp.stage2.evaluations == 0 and dp.stage2.global_front.kv_heads[-1] == 48
     fixed = qcqa.search(dists, 30, solver="greedy", groups=2)
     assert {max(g) + 1 for g in fixed.groups} <= {2, 8}
 

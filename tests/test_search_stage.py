@@ -1,6 +1,10 @@
 """The search stage's run(cfg) on tiny random Llamas: plans, meta, MLflow logging, proxies, bad input."""
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -72,6 +76,24 @@ def test_baselines_between_two_counts(root, tmp_path):
     seeds = [run(root, tmp_path, f"random-s{k}", 0.55)[0] for k in (0, 1, 0)]
     assert all(sum(len(set(g)) for g in p.groups) == 13 for p in seeds)
     assert seeds[0].groups == seeds[2].groups != seeds[1].groups
+
+
+def test_the_stage_imports_no_heavy_library():
+    """Starting a search job stays fast: pymoo, scipy, matplotlib, torch load only where a run needs them."""
+    import kvshare
+
+    heavy = ("pymoo", "scipy", "matplotlib", "torch", "transformers", "mlflow")
+    code = f"import sys, kvshare.search; print(sorted(m for m in {heavy!r} if m in sys.modules))"
+    src = str(Path(kvshare.__file__).resolve().parents[1])
+    env = os.environ | {"PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+    assert out.stdout.strip() == "[]"
+
+
+def test_random_baseline_plans_stay_the_same(root, tmp_path):
+    """The random baseline's groupings for a seed are published results: they must not change."""
+    plan, _ = run(root, tmp_path, "random-s5", 0.55)
+    assert plan.groups == ((0, 0, 1, 2, 3, 2, 2, 1), (0, 1, 2, 3, 1, 2, 1, 1), (0, 1, 2, 0, 0, 3, 4, 3))
 
 
 def test_layer_counts():

@@ -7,9 +7,13 @@ import torch
 from kvshare.plan import canonical
 from kvshare.wse import (
     canonical_rows,
+    contiguous,
+    divisors,
+    group_stats,
     kv_head_vectors,
     n_groups,
     pairwise_sq_dists,
+    random_partitions,
     wse,
     wse_direct,
     wse_population,
@@ -78,3 +82,25 @@ def test_model_head_vectors_price_a_real_merge():
     assert vecs[1].dtype == np.float32  # weights as loaded: the float32 Gram route
     assert wse(pairwise_sq_dists(vecs[1]), groups) == pytest.approx(change, rel=1e-5)
     assert wse(pairwise_sq_dists(vecs[1].astype(np.float64)), groups) == pytest.approx(change, rel=1e-9)
+
+
+def test_random_partitions_fill_every_group():
+    rng = np.random.default_rng(4)
+    counts = [1, 3, 5, 8, 8]
+    rows = random_partitions(8, counts, rng)
+    assert rows.shape == (5, 8) and list(n_groups(rows)) == counts
+    equal = random_partitions(8, [1, 2, 4, 8], rng, equal_sizes=True)
+    assert [set(np.bincount(r)) for r in equal] == [{8}, {4}, {2}, {1}]
+    assert random_partitions(8, [], rng).shape == (0, 8)
+    again = random_partitions(8, counts, np.random.default_rng(4))
+    assert np.array_equal(rows, again)  # one seed, one sequence of groupings
+
+
+def test_partition_maths():
+    assert list(divisors(12)) == [1, 2, 3, 4, 6, 12]
+    assert contiguous(7, 3) == (0, 0, 0, 1, 1, 2, 2)
+    d = pairwise_sq_dists(np.random.default_rng(5).normal(size=(6, 3)))
+    row = np.array([0, 1, 0, 2, 1, 0])
+    r, s, size = group_stats(d, row)
+    assert list(size) == [3, 2, 1] and r.shape == (6, 3)
+    assert s / size == pytest.approx([wse(d, np.where(row == g, 0, np.arange(1, 7))) for g in range(3)])

@@ -22,6 +22,10 @@ Stage 2 (``stage2_binary``): the paper's binary chromosome over layers (grouped
 at a given count, or kept whole), objectives (total KV heads, total WSE),
 two-point crossover and bit-flip mutation. :mod:`kvshare.qcqa` also has an
 exact stage 2 (a DP), which is the default.
+
+Importing this module loads pymoo (about a second), so :mod:`kvshare.qcqa`
+imports it only when NSGA-II runs, and holds what is needed without it: the
+settings (:class:`~kvshare.qcqa.NSGASettings`), non-domination, hypervolume.
 """
 
 from __future__ import annotations
@@ -43,7 +47,6 @@ from pymoo.core.problem import Problem
 from pymoo.core.repair import Repair
 from pymoo.core.sampling import Sampling
 from pymoo.core.termination import NoTermination
-from pymoo.indicators.hv import HV
 from pymoo.operators.crossover.pntx import TwoPointCrossover
 from pymoo.operators.crossover.sbx import SBX
 from pymoo.operators.mutation.bitflip import BitflipMutation
@@ -53,39 +56,11 @@ from pymoo.operators.sampling.rnd import BinaryRandomSampling, IntegerRandomSamp
 from pymoo.operators.selection.tournament import TournamentSelection
 from tqdm import tqdm
 
-from kvshare.errors import KVShareError
-from kvshare.wse import canonical_rows, n_groups, wse_population
+from kvshare.qcqa import NSGASettings, layer_hypervolume, nondominated
+from kvshare.wse import canonical_rows, divisors, n_groups, random_partitions, wse_population
 
-OPERATORS = ("partition", "paper")
 MATING_TRIES = 5  # mating rounds until offspring are new; tiny layers run out of new groupings fast
 OVERSAMPLE = 1.5  # children bred per offspring wanted, so duplicates rarely cost a second mating round
-
-
-@dataclass
-class NSGASettings:
-    pop_size: int = 100
-    generations: int = 100
-    seed: int = 0
-    operators: str = "partition"
-    crossover_prob: float = 0.9
-    mutation_prob: float | None = None  # per head (stage 1) or per layer (stage 2); None: 1 / length
-    seed_greedy: bool = True  # stage 1 ``partition``: start from the greedy solvers' groupings too
-    name: str = "search.nsga"  # the config section, for error messages
-
-    def __post_init__(self) -> None:
-        if self.operators not in OPERATORS:
-            raise KVShareError(f"{self.name}.operators={self.operators!r} is not known; use {' or '.join(OPERATORS)}")
-        for key in ("pop_size", "generations"):
-            if int(getattr(self, key)) < 1:
-                raise KVShareError(f"{self.name}.{key}={getattr(self, key)} must be at least 1")
-        for key in ("crossover_prob", "mutation_prob"):
-            p = getattr(self, key)
-            if p is not None and not 0 <= p <= 1:
-                raise KVShareError(f"{self.name}.{key}={p} is not a probability: use a value in [0, 1]")
-
-
-def divisors(n: int) -> np.ndarray:
-    return np.array([k for k in range(1, n + 1) if n % k == 0])
 
 
 # --- stage 1 ---------------------------------------------------------------------------------------------------
@@ -127,19 +102,6 @@ def labels_of(x: np.ndarray, n: int) -> np.ndarray:
     return np.clip(np.rint(np.asarray(x, dtype=float)), 0, n - 1).astype(np.int64)
 
 
-def random_partitions(n: int, counts: np.ndarray, size: int, equal_sizes: bool, rng) -> np.ndarray:
-    """``size`` random groupings whose counts cycle through ``counts``; all groups non-empty."""
-    ks = np.resize(rng.permutation(counts), size)
-    rows = []
-    for k in ks:
-        if equal_sizes:
-            labels = np.repeat(np.arange(k), n // k)
-        else:
-            labels = np.concatenate([np.arange(k), rng.integers(0, k, n - k)])
-        rows.append(labels[rng.permutation(n)])
-    return np.array(rows, dtype=np.int64)
-
-
 class PartitionSampling(Sampling):
     def __init__(self, seeds: np.ndarray | None = None):
         super().__init__()
@@ -147,10 +109,8 @@ class PartitionSampling(Sampling):
 
     def _do(self, problem, n_samples, *args, random_state=None, **kwargs):
         seeds = np.zeros((0, problem.n_var), dtype=np.int64) if self.seeds is None else self.seeds[:n_samples]
-        rest = random_partitions(
-            problem.n_var, problem.counts, n_samples - len(seeds), problem.equal_sizes, random_state
-        )
-        return np.concatenate([seeds, rest])
+        counts = np.resize(random_state.permutation(problem.counts), n_samples - len(seeds))  # all counts, in turn
+        return np.concatenate([seeds, random_partitions(problem.n_var, counts, random_state, problem.equal_sizes)])
 
 
 class AlignedUniformCrossover(Crossover):
@@ -345,15 +305,6 @@ class AlreadyRepaired(Repair):
         return pop
 
 
-def group_stats(dist: np.ndarray, row: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """R[i, g] = sum of D from head i to group g; S[g] = pair sum inside g; sizes."""
-    k = int(row.max()) + 1
-    onehot = np.zeros((len(row), k))
-    onehot[np.arange(len(row)), row] = 1.0
-    r = dist @ onehot
-    return r, np.einsum("ig,ig->g", onehot, r) / 2.0, onehot.sum(axis=0)
-
-
 class CanonicalRepair(Repair):
     """Integer group ids, relabelled by first appearance (so equal groupings are equal vectors)."""
 
@@ -451,18 +402,6 @@ def stage1_algorithm(problem: GroupingProblem, s: NSGASettings, seeds: np.ndarra
             n_max_iterations=MATING_TRIES,
         )
     return NSGA2(pop_size=s.pop_size, sampling=sampling, mating=mating, repair=repair, eliminate_duplicates=duplicates)
-
-
-def hypervolume_2d(points: np.ndarray, ref=(1.0, 1.0)) -> float:
-    """Area dominated by minimisation points (f1, f2) inside the box below ``ref`` (pymoo's indicator)."""
-    pts = np.asarray(points, dtype=float).reshape(-1, 2)
-    return float(HV(ref_point=np.asarray(ref, dtype=float))(pts)) if len(pts) else 0.0
-
-
-def layer_hypervolume(errors: np.ndarray, scale: float) -> float:
-    """HV of a layer's front in (count / n, WSE / WSE of one group), reference (1, 1)."""
-    n = len(errors)
-    return hypervolume_2d(np.column_stack([np.arange(1, n + 1) / n, np.asarray(errors) / max(scale, 1e-300)]))
 
 
 @dataclass
@@ -587,16 +526,3 @@ def stage2_binary(
     x, f = x[f[:, 0] <= max_heads], f[f[:, 0] <= max_heads]
     keep = nondominated(f)
     return x[keep], f[keep], evaluations
-
-
-def nondominated(f: np.ndarray) -> np.ndarray:
-    """Indices of the 2-objective minimisation points no other point dominates (one per distinct point)."""
-    if not len(f):
-        return np.zeros(0, dtype=np.int64)
-    order = np.lexsort((f[:, 1], f[:, 0]))
-    keep, best = [], np.inf
-    for j in order:
-        if f[j, 1] < best:
-            keep.append(j)
-            best = f[j, 1]
-    return np.array(keep, dtype=np.int64)

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from kvshare.errors import KVShareError
-from kvshare.wse import kv_head_vectors, kv_projections, pairwise_sq_dists, wse
+from kvshare.wse import kv_head_vectors, kv_projections, pairwise_sq_dists, random_partitions, wse
 
 
 @torch.no_grad()
@@ -111,12 +111,8 @@ def random_candidates(n_layers: int, n: int, n_groups: int, count: int, seed: in
             f"search.proxy_check.groups={n_groups} must lie in 1..{n - 1} (the layer has {n} KV heads) "
             "for a merge to change anything"
         )
-    rng = np.random.default_rng(seed)
-    out = []
-    for c in range(count):
-        groups = np.concatenate([np.arange(n_groups), rng.integers(0, n_groups, n - n_groups)])[rng.permutation(n)]
-        out.append((c % n_layers, groups.tolist()))
-    return out
+    rows = random_partitions(n, [n_groups] * count, np.random.default_rng(seed))
+    return [(c % n_layers, row.tolist()) for c, row in enumerate(rows)]
 
 
 @torch.no_grad()

@@ -20,23 +20,56 @@ Stage 2 solvers (``stage2``): ``dp``, an exact multiple-choice knapsack over
 integer head counts; ``nsga``, the paper's binary NSGA-II over layers (every
 grouped layer at one count, scanned over all counts that fit).
 
-Run ``python -m kvshare.search`` (the stage) or call :func:`search` directly.
+Run ``python -m kvshare.search`` (the stage) or call :func:`search` directly;
+it returns a :class:`SearchResult`, whose :class:`Stage1` and :class:`Stage2`
+say what each stage found and cost. Importing this module costs numpy only:
+scipy (balanced assignment) and pymoo (:mod:`kvshare.nsga`, the hypervolume
+indicator) load only inside the functions that use them.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
-from kvshare import exact, nsga
+from kvshare import exact
 from kvshare.errors import KVShareError
-from kvshare.nsga import NSGASettings, group_stats
-from kvshare.wse import canonical_rows, wse
+from kvshare.wse import canonical_rows, divisors, group_stats, wse
 
 SOLVERS = ("nsga", "greedy", "exact")
 STAGE2 = ("dp", "nsga")
+OPERATORS = ("partition", "paper")  # NSGA-II stage 1 operator sets (:mod:`kvshare.nsga`)
+
+
+@dataclass
+class NSGASettings:
+    """One NSGA-II run's settings (``search.nsga`` or ``search.stage2_nsga``), checked; :mod:`kvshare.nsga` runs it."""
+
+    pop_size: int = 100
+    generations: int = 100
+    seed: int = 0
+    operators: str = "partition"
+    crossover_prob: float = 0.9
+    mutation_prob: float | None = None  # per head (stage 1) or per layer (stage 2); None: 1 / length
+    seed_greedy: bool = True  # stage 1 ``partition``: start from the greedy solvers' groupings too
+    name: str = "search.nsga"  # the config section, for error messages
+
+    def __post_init__(self) -> None:
+        if self.operators not in OPERATORS:
+            raise KVShareError(f"{self.name}.operators={self.operators!r} is not known; use {' or '.join(OPERATORS)}")
+        for key in ("pop_size", "generations"):
+            if int(getattr(self, key)) < 1:
+                raise KVShareError(f"{self.name}.{key}={getattr(self, key)} must be at least 1")
+        for key in ("crossover_prob", "mutation_prob"):
+            p = getattr(self, key)
+            if p is not None and not 0 <= p <= 1:
+                raise KVShareError(f"{self.name}.{key}={p} is not a probability: use a value in [0, 1]")
+
+
+# --- what a search returns -------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -59,16 +92,90 @@ class LayerFront:
         return {"n_kv": ok, "wse": [self.errors[k - 1] for k in ok], "groups": [self.groupings[k - 1] for k in ok]}
 
 
+class GlobalFront(NamedTuple):
+    """The model's front: each total KV-head count on it (ascending) and the least summed WSE there."""
+
+    kv_heads: list[int]
+    wse: list[float]
+
+
+@dataclass
+class Stage1:
+    """Every layer's front, and what finding them cost."""
+
+    fronts: list[LayerFront]
+    evaluations: int = 0  # groupings NSGA-II scored (greedy, exact: 0)
+    hv_history: np.ndarray | None = None  # NSGA-II: (generations + 1, layers), hypervolume after each generation
+    seconds: float = 0.0
+
+
+@dataclass
+class Stage2:
+    """The KV-head count chosen per layer within the budget, by ``solver`` (one of :data:`STAGE2`)."""
+
+    solver: str
+    counts: list[int]
+    global_front: GlobalFront
+    evaluations: int = 0  # layer choices the binary NSGA-II scored (dp: 0)
+    seconds: float = 0.0
+
+
 @dataclass
 class SearchResult:
+    """Groupings of the searched layers and their WSE.
+
+    ``solver``: QCQA's stage 1 solver (one of :data:`SOLVERS`), or the baseline's
+    name; ``evaluations``: groupings (and stage 2 choices) scored in all.
+    ``stage1`` and ``stage2`` exist only for QCQA's two-stage search.
+    """
+
     groups: list[tuple[int, ...]]
     layer_wse: list[float]
-    fronts: list[LayerFront]
-    info: dict = field(default_factory=dict)
+    solver: str
+    evaluations: int
+    stage1: Stage1 | None = None
+    stage2: Stage2 | None = None
 
     @property
     def total_wse(self) -> float:
         return float(sum(self.layer_wse))
+
+    @property
+    def fronts(self) -> list[LayerFront]:
+        """Stage 1's per-layer fronts; none for a baseline."""
+        return self.stage1.fronts if self.stage1 is not None else []
+
+
+# --- fronts: non-domination and hypervolume ----------------------------------------------------------------------
+
+
+def nondominated(f: np.ndarray) -> np.ndarray:
+    """Indices of the 2-objective minimisation points no other point dominates (one per distinct point)."""
+    if not len(f):
+        return np.zeros(0, dtype=np.int64)
+    order = np.lexsort((f[:, 1], f[:, 0]))
+    keep, best = [], np.inf
+    for j in order:
+        if f[j, 1] < best:
+            keep.append(j)
+            best = f[j, 1]
+    return np.array(keep, dtype=np.int64)
+
+
+def hypervolume_2d(points: np.ndarray, ref=(1.0, 1.0)) -> float:
+    """Area dominated by minimisation points (f1, f2) inside the box below ``ref`` (pymoo's indicator)."""
+    pts = np.asarray(points, dtype=float).reshape(-1, 2)
+    if not len(pts):
+        return 0.0
+    from pymoo.indicators.hv import HV  # pymoo's light corner: not its algorithms
+
+    return float(HV(ref_point=np.asarray(ref, dtype=float))(pts))
+
+
+def layer_hypervolume(errors: np.ndarray, scale: float) -> float:
+    """HV of a layer's front in (count / n, WSE / WSE of one group), reference (1, 1)."""
+    n = len(errors)
+    return hypervolume_2d(np.column_stack([np.arange(1, n + 1) / n, np.asarray(errors) / max(scale, 1e-300)]))
 
 
 def check_count(k: int, n: int, equal_sizes: bool) -> None:
@@ -78,7 +185,7 @@ def check_count(k: int, n: int, equal_sizes: bool) -> None:
     if equal_sizes and n % k:
         raise KVShareError(
             f"group count {k} does not divide the {n} KV heads, so equal-size groups (qcqa-ec) cannot have it: "
-            f"use one of {[int(c) for c in nsga.divisors(n)]}"
+            f"use one of {[int(c) for c in divisors(n)]}"
         )
 
 
@@ -180,7 +287,7 @@ def greedy_front(dist: np.ndarray, equal_sizes: bool) -> LayerFront:
     levels = ward_levels(dist)
     groupings: list = [None] * n
     errors = [np.inf] * n
-    for k in nsga.divisors(n) if equal_sizes else range(1, n + 1):
+    for k in divisors(n) if equal_sizes else range(1, n + 1):
         if equal_sizes:
             row = balanced_grouping(dist, k, [np.arange(n) // (n // k), levels[k - 1]])
         else:
@@ -242,29 +349,31 @@ def allocate(fronts: list[LayerFront], max_heads: int, groups: int | None = None
     return _unroll(choice, total)
 
 
-def global_front(fronts: list[LayerFront], groups: int | None = None) -> tuple[list[int], list[float]]:
+def global_front(fronts: list[LayerFront], groups: int | None = None) -> GlobalFront:
     """The model's front: for each total KV-head count that lowers WSE, the least summed WSE."""
     errors = _options(fronts, groups)
     best, _ = budget_dp(errors, errors.size)
-    keep = nsga.nondominated(np.column_stack([np.arange(len(best)), best])[np.isfinite(best)])
+    keep = nondominated(np.column_stack([np.arange(len(best)), best])[np.isfinite(best)])
     heads = np.flatnonzero(np.isfinite(best))[keep]
-    return [int(h) for h in heads], [float(best[h]) for h in heads]
+    return GlobalFront([int(h) for h in heads], [float(best[h]) for h in heads])
 
 
 def allocate_nsga(
     fronts: list[LayerFront], max_heads: int, settings: NSGASettings, groups: int | None = None
-) -> tuple[list[int], dict]:
+) -> Stage2:
     """The paper's stage 2 at each usable count (or ``groups``): binary NSGA-II, best feasible point overall."""
     errors = _options(fronts, groups)
     layers, n = errors.shape
     if layers * n <= max_heads:
-        return [n] * layers, {"stage2_evaluations": 0, "global_front": ([layers * n], [0.0])}
+        return Stage2("nsga", [n] * layers, GlobalFront([layers * n], [0.0]))
     counts = [k for k in range(1, n) if np.isfinite(errors[:, k - 1]).all() and layers * k <= max_heads]
     if not counts:
         raise KVShareError(
             f"no grouping fits {max_heads} KV heads: grouping every layer needs at least "
             f"{layers * (groups or 1)}; raise search.budget"
         )
+    from kvshare import nsga  # pymoo: only when NSGA-II runs
+
     found_x, found_f, evaluations = [], [], 0
     for k in counts:
         x, f, ev = nsga.stage2_binary(np.full(layers, k), errors[:, k - 1], n, max_heads, settings)
@@ -272,10 +381,10 @@ def allocate_nsga(
         found_f.append(f)
         evaluations += ev
     f = np.concatenate(found_f)
-    keep = nsga.nondominated(f)
+    keep = nondominated(f)
     best = keep[np.argmin(f[keep, 1])]
-    front = ([int(h) for h in f[keep, 0]], [float(e) for e in f[keep, 1]])
-    return [int(c) for c in found_x[best]], {"stage2_evaluations": evaluations, "global_front": front}
+    front = GlobalFront([int(h) for h in f[keep, 0]], [float(e) for e in f[keep, 1]])
+    return Stage2("nsga", [int(c) for c in found_x[best]], front, evaluations)
 
 
 # --- both stages ---------------------------------------------------------------------------------------------
@@ -288,27 +397,46 @@ def layer_fronts(
     nsga_settings: NSGASettings | None = None,
     progress: bool = False,
     workers: int = 1,
-) -> tuple[list[LayerFront], dict]:
+) -> Stage1:
     """Stage 1 for every layer, and what it cost."""
     if solver not in SOLVERS:
         raise KVShareError(f"search.solver={solver!r} is not known; use one of {', '.join(SOLVERS)}")
-    info: dict = {}
+    t0 = time.perf_counter()
     if solver == "exact":
-        fronts = [LayerFront.of(*exact.exact_front(d, equal_sizes)) for d in dists]
-        info["evaluations"] = 0
-        return fronts, info
-    s = nsga_settings or NSGASettings()
+        result = Stage1([LayerFront.of(*exact.exact_front(d, equal_sizes)) for d in dists])
+    else:
+        result = _greedy_or_nsga(dists, equal_sizes, solver, nsga_settings or NSGASettings(), progress, workers)
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+def _greedy_or_nsga(dists, equal_sizes: bool, solver: str, s: NSGASettings, progress: bool, workers: int) -> Stage1:
     greedy = None
     if solver == "greedy" or s.seed_greedy and s.operators == "partition":
         greedy = [greedy_front(d, equal_sizes) for d in dists]
     if solver == "greedy":
-        return greedy, {"evaluations": 0}
+        return Stage1(greedy)
+    from kvshare import nsga  # pymoo: only when NSGA-II runs
+
     seeds = None
     if greedy is not None:
         seeds = [np.array([g for g in f.groupings if g is not None], dtype=np.int64) for f in greedy]
     r = nsga.stage1(dists, equal_sizes, s, seeds, progress, workers)
     fronts = [LayerFront.of(x, e) for x, e in zip(r.groupings, r.errors, strict=True)]
-    return fronts, {"evaluations": r.evaluations, "hv_history": r.hv_history}
+    return Stage1(fronts, r.evaluations, r.hv_history)
+
+
+def choose_counts(
+    fronts: list[LayerFront], max_heads: int, stage2: str, settings: NSGASettings | None, groups: int | None
+) -> Stage2:
+    """Stage 2 by ``stage2`` (one of :data:`STAGE2`), timed."""
+    t0 = time.perf_counter()
+    if stage2 == "dp":
+        result = Stage2("dp", allocate(fronts, max_heads, groups), global_front(fronts, groups))
+    else:
+        result = allocate_nsga(fronts, max_heads, settings or NSGASettings(), groups)
+    result.seconds = time.perf_counter() - t0
+    return result
 
 
 def search(
@@ -339,22 +467,8 @@ def search(
             f"the budget allows {max_heads} KV heads for {len(dists)} layers, and no grouping has fewer than "
             "one per layer: raise search.budget"
         )
-    t0 = time.perf_counter()
-    fronts, info = layer_fronts(dists, equal_sizes, solver, nsga_settings, progress, workers)
-    t1 = time.perf_counter()
-    if stage2 == "dp":
-        counts = allocate(fronts, max_heads, groups)
-        info["global_front"] = global_front(fronts, groups)
-    else:
-        counts, more = allocate_nsga(fronts, max_heads, stage2_settings or NSGASettings(), groups)
-        info.update(more)
-    groupings = [f.groupings[k - 1] for f, k in zip(fronts, counts, strict=True)]
-    errors = [f.errors[k - 1] for f, k in zip(fronts, counts, strict=True)]
-    info.update(
-        solver=solver,
-        stage2=stage2,
-        max_heads=max_heads,
-        stage1_seconds=t1 - t0,
-        stage2_seconds=time.perf_counter() - t1,
-    )
-    return SearchResult(groupings, errors, fronts, info)
+    first = layer_fronts(dists, equal_sizes, solver, nsga_settings, progress, workers)
+    second = choose_counts(first.fronts, max_heads, stage2, stage2_settings, groups)
+    groupings = [f.groupings[k - 1] for f, k in zip(first.fronts, second.counts, strict=True)]
+    errors = [f.errors[k - 1] for f, k in zip(first.fronts, second.counts, strict=True)]
+    return SearchResult(groupings, errors, solver, first.evaluations + second.evaluations, first, second)

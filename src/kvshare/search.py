@@ -32,7 +32,9 @@ from __future__ import annotations
 import json
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
@@ -42,23 +44,106 @@ from kvshare.checkpoint import Tensors, read_config
 from kvshare.cli import entry
 from kvshare.errors import KVShareError
 from kvshare.families import check_family
-from kvshare.methods import parse_method
-from kvshare.nsga import NSGASettings, layer_hypervolume
+from kvshare.methods import Method, parse_method
 from kvshare.plan import ModelShape, Plan, cla_pattern
+from kvshare.qcqa import NSGASettings, layer_hypervolume
 from kvshare.tracking import stage_run
-from kvshare.wse import checkpoint_head_vectors, pairwise_sq_dists, wse
+from kvshare.wse import checkpoint_head_vectors, contiguous, pairwise_sq_dists, random_partitions, wse
 
 PROXIES = ("weight", "output")
 
 
-def contiguous(n: int, k: int) -> tuple[int, ...]:
-    """``n`` heads in ``k`` contiguous groups of sizes differing by at most one."""
-    return tuple(int(g) for g, part in enumerate(np.array_split(np.arange(n), k)) for _ in part)
+# --- settings --------------------------------------------------------------------------------------------------
 
 
-def random_partition(n: int, k: int, rng: np.random.Generator) -> tuple[int, ...]:
-    labels = np.concatenate([np.arange(k), rng.integers(0, k, n - k)])
-    return tuple(int(x) for x in labels[rng.permutation(n)])
+@dataclass
+class Settings:
+    """What ``search:`` asks for, checked before any work."""
+
+    method: Method
+    budget: float  # KV fraction in (0, 1]
+    nsga: NSGASettings  # stage 1 (search.nsga)
+    stage2_nsga: NSGASettings  # stage 2 (search.stage2_nsga)
+    seed: int  # the random baseline's: random-s<k>'s k, else search.random_seed
+    check: int  # one-layer merges the proxy check measures; 0: no check
+
+
+def nsga_settings(node, name: str = "search.nsga") -> NSGASettings:
+    d = OmegaConf.to_container(node, resolve=True)
+    return NSGASettings(**{k: v for k, v in d.items() if k in NSGASettings.__dataclass_fields__}, name=name)
+
+
+def check_settings(s: DictConfig) -> Settings:
+    """The stage's settings, or a one-line error naming the first bad one."""
+    method = parse_method(s.method)
+    try:
+        budget = float(s.budget)
+    except ValueError:
+        raise KVShareError(f"search.budget={s.budget!r} is not a number: give a KV fraction in (0, 1]") from None
+    if not 0 < budget <= 1:
+        raise KVShareError(f"search.budget={s.budget} must be a KV fraction in (0, 1]")
+    if s.proxy not in PROXIES:
+        raise KVShareError(f"search.proxy={s.proxy!r} is not known; use one of {', '.join(PROXIES)}")
+    if s.solver not in qcqa.SOLVERS:
+        raise KVShareError(f"search.solver={s.solver!r} is not known; use one of {', '.join(qcqa.SOLVERS)}")
+    if s.stage2 not in qcqa.STAGE2:
+        raise KVShareError(f"search.stage2={s.stage2!r} is not known; use one of {', '.join(qcqa.STAGE2)}")
+    stage1, stage2 = nsga_settings(s.nsga), nsga_settings(s.stage2_nsga, "search.stage2_nsga")
+    check = int(s.proxy_check.candidates or 0)
+    if (s.proxy == "output" or check) and not s.calibration.data_dir:
+        raise KVShareError(
+            "search.proxy=output and search.proxy_check need calibration tokens: set search.calibration.data_dir "
+            "to a folder written by the tokenize stage (kvshare.tokens)"
+        )
+    seed = s.random_seed if method.seed is None else method.seed
+    return Settings(method, budget, stage1, stage2, seed, check)
+
+
+# --- distances -------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Distances:
+    """The model's shape and K/V sharing pattern, and each layer's pairwise KV-head distances."""
+
+    shape: ModelShape
+    pattern: list[int]  # layer i uses the K/V of layer pattern[i]
+    producers: list[int]  # the layers that store K/V: the ones the search groups
+    weight: list[np.ndarray]  # on the K/V projection weights, every layer
+    searched: list[np.ndarray]  # on search.proxy's vectors (weights, or K/V outputs), every layer
+    model: Any = None  # the model object, loaded only for the output proxy and the proxy check
+
+    def of_producers(self, dists: list[np.ndarray]) -> list[np.ndarray]:
+        return [dists[j] for j in self.producers]
+
+
+def read_distances(cfg: DictConfig, settings: Settings) -> Distances:
+    """The weight proxy reads only the K/V projections, a layer at a time (no torch); the output proxy runs the
+    model on calibration tokens."""
+    s = cfg.search
+    config = read_config(s.model_dir)
+    check_family(config, f"search.model_dir={s.model_dir}")
+    shape = ModelShape.of(config)
+    cla = list(s.cla_layers) if s.cla_layers is not None else settings.method.cla
+    pattern = cla_pattern(shape.num_layers, cla)
+    vectors = checkpoint_head_vectors(Tensors(s.model_dir), shape.num_layers, shape.head_dim)
+    weight = [pairwise_sq_dists(v) for v in vectors]
+    d = Distances(shape, pattern, sorted(set(pattern)), weight, weight)
+    if s.proxy == "output" or settings.check:
+        from kvshare.checkpoint import load_model
+        from kvshare.devices import resolve_device
+
+        d.model, _ = load_model(s.model_dir, resolve_device(cfg.device), "float32")
+    if s.proxy == "output":
+        from kvshare import proxy
+        from kvshare.data import calibration_windows
+
+        c = s.calibration
+        d.searched = proxy.output_dists(d.model, calibration_windows(c.data_dir, c.tokens, c.seq_len), c.batch_size)
+    return d
+
+
+# --- groups ----------------------------------------------------------------------------------------------------
 
 
 def layer_counts(layers: int, n: int, max_heads: int, extra_layers=None) -> list[int]:
@@ -76,53 +161,109 @@ def layer_counts(layers: int, n: int, max_heads: int, extra_layers=None) -> list
     return counts
 
 
-def nsga_settings(node, name: str = "search.nsga") -> NSGASettings:
-    d = OmegaConf.to_container(node, resolve=True)
-    return NSGASettings(**{k: v for k, v in d.items() if k in NSGASettings.__dataclass_fields__}, name=name)
-
-
-def find_groups(
-    within: str, dists: list[np.ndarray], max_heads: int, n: int, s: DictConfig, settings: tuple, seed: int
-) -> qcqa.SearchResult:
-    """Groupings of the K/V-storing layers using at most ``max_heads`` KV heads in all.
-
-    ``settings``: the NSGA-II settings of stage 1 and stage 2; ``seed``: the random baseline's.
-    """
-    layers = len(dists)
-    if max_heads < layers:
-        raise KVShareError(
-            f"the budget allows {max_heads} KV heads for {layers} layers, and no grouping has fewer than one per "
-            "layer: raise search.budget"
-        )
-    if within in ("qcqa-ac", "qcqa-ec"):
-        return qcqa.search(
-            dists,
-            max_heads,
-            equal_sizes=within == "qcqa-ec",
-            solver=s.solver,
-            stage2=s.stage2,
-            groups=s.groups,
-            nsga_settings=settings[0],
-            stage2_settings=settings[1],
-            progress=s.progress,
-            workers=s.workers,
-        )
+def baseline_groups(within: str, layers: int, n: int, max_heads: int, seed: int) -> list[tuple[int, ...]]:
+    """The groupings of ``base``, ``mqa``, ``gqa`` or ``random`` (with ``seed``) within ``max_heads`` KV heads."""
     if within == "base":
         if max_heads < n * layers:
             raise KVShareError(
                 f"method keeps all {n} KV heads per layer, which exceeds the budget: raise search.budget"
             )
-        groups = [tuple(range(n))] * layers
-    elif within == "mqa":
-        groups = [contiguous(n, 1)] * layers
-    elif within == "gqa":
-        groups = [contiguous(n, k) for k in layer_counts(layers, n, max_heads)]
-    else:
-        rng = np.random.default_rng(seed)
-        counts = layer_counts(layers, n, max_heads, lambda k: rng.choice(layers, k, replace=False))
-        groups = [random_partition(n, k, rng) for k in counts]
+        return [tuple(range(n))] * layers
+    if within == "mqa":
+        return [contiguous(n, 1)] * layers
+    if within == "gqa":
+        return [contiguous(n, k) for k in layer_counts(layers, n, max_heads)]
+    rng = np.random.default_rng(seed)
+    counts = layer_counts(layers, n, max_heads, lambda k: rng.choice(layers, k, replace=False))
+    return [tuple(int(x) for x in row) for row in random_partitions(n, counts, rng)]
+
+
+def find_groups(dists: list[np.ndarray], max_heads: int, s: DictConfig, settings: Settings) -> qcqa.SearchResult:
+    """Groupings of the K/V-storing layers (``dists``, one matrix each) using at most ``max_heads`` KV heads."""
+    layers, n = len(dists), dists[0].shape[0]
+    if max_heads < layers:
+        raise KVShareError(
+            f"the budget allows {max_heads} KV heads for {layers} layers, and no grouping has fewer than one per "
+            "layer: raise search.budget"
+        )
+    within = settings.method.within
+    if within in ("qcqa-ac", "qcqa-ec"):
+        options = {key: s[key] for key in ("solver", "stage2", "groups", "progress", "workers")}  # search.<key>
+        nsga = {"nsga_settings": settings.nsga, "stage2_settings": settings.stage2_nsga}
+        return qcqa.search(dists, max_heads, within == "qcqa-ec", **options, **nsga)
+    groups = baseline_groups(within, layers, n, max_heads, settings.seed)
     errors = [wse(d, g) for d, g in zip(dists, groups, strict=True)]
-    return qcqa.SearchResult(groups, errors, [], {"solver": within, "evaluations": len(groups)})
+    return qcqa.SearchResult(groups, errors, solver=within, evaluations=len(groups))
+
+
+# --- the plan and its meta -------------------------------------------------------------------------------------
+
+
+def plan_meta(
+    cfg: DictConfig, settings: Settings, d: Distances, result: qcqa.SearchResult, search_seconds: float, run_id: str
+) -> dict:
+    """What the plan records about its search (the caller adds ``proxy_check`` and ``wall_seconds``)."""
+    s = cfg.search
+    weight_wse = [wse(w, g) for w, g in zip(d.of_producers(d.weight), result.groups, strict=True)]
+    meta = {
+        "budget": settings.budget,
+        "model": cfg.model.name,
+        "proxy": s.proxy,
+        "wse_total": result.total_wse,
+        "wse_per_layer": dict(zip(map(str, d.producers), result.layer_wse, strict=True)),
+        "wse_weight_total": float(sum(weight_wse)),
+        "solver": result.solver,
+        "evaluations": result.evaluations,
+        "search_seconds": search_seconds,
+        "search_run_id": run_id,
+    }
+    if result.stage1 is not None and result.stage2 is not None:
+        n = d.shape.num_kv_heads
+        scale = [wse(x, [0] * n) for x in d.of_producers(d.searched)]
+        hv = [layer_hypervolume(np.array(f.errors), sc) for f, sc in zip(result.fronts, scale, strict=True)]
+        meta |= {
+            "stage2": result.stage2.solver,
+            "hypervolume": float(np.mean(hv)),
+            "stage1_seconds": result.stage1.seconds,
+            "stage2_seconds": result.stage2.seconds,
+        }
+        if result.solver == "nsga":
+            meta["nsga"] = OmegaConf.to_container(s.nsga, resolve=True)
+        if result.stage2.solver == "nsga":
+            meta["stage2_nsga"] = OmegaConf.to_container(s.stage2_nsga, resolve=True)
+    return meta
+
+
+def check_proxies(cfg: DictConfig, d: Distances, candidates: int) -> tuple[dict, int]:
+    """How well each proxy ranks random one-layer merges by measured KL to the base model (:mod:`kvshare.proxy`),
+    and the merges' KV-head count."""
+    from kvshare import proxy
+    from kvshare.data import calibration_windows
+
+    s, c = cfg.search, cfg.search.calibration
+    n = d.shape.num_kv_heads
+    n_groups = int(s.proxy_check.groups or max(1, n // 2))
+    merges = proxy.random_candidates(len(d.producers), n, n_groups, candidates, s.random_seed)
+    windows = calibration_windows(c.data_dir, s.proxy_check.tokens, c.seq_len, offset=c.tokens)
+    calib = calibration_windows(c.data_dir, c.tokens, c.seq_len)
+    ranked = proxy.rank_check(
+        d.model,
+        windows,
+        {"weight": d.weight, "output": proxy.output_dists(d.model, calib, c.batch_size)},
+        [(d.producers[i], g) for i, g in merges],
+        c.batch_size,
+    )
+    return ranked, n_groups
+
+
+def make_plan(s: DictConfig, d: Distances, result: qcqa.SearchResult, meta: dict) -> Plan:
+    """Every layer's grouping: its K/V producer's."""
+    by_producer = dict(zip(d.producers, result.groups, strict=True))
+    groups = tuple(by_producer[d.pattern[i]] for i in range(d.shape.num_layers))
+    return Plan(d.shape, groups, tuple(d.pattern), s.method, s.cla_init, meta)
+
+
+# --- MLflow ----------------------------------------------------------------------------------------------------
 
 
 def plot_fronts(result: qcqa.SearchResult, dists: list[np.ndarray], out_dir: Path) -> list[Path]:
@@ -132,10 +273,20 @@ def plot_fronts(result: qcqa.SearchResult, dists: list[np.ndarray], out_dir: Pat
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    paths = [out_dir / "layer_fronts.png", out_dir / "global_front.png"]
+    for draw, path in zip((_layer_fronts_figure, _global_front_figure), paths, strict=True):
+        fig = draw(plt, result, dists)
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+    return paths
+
+
+def _layer_fronts_figure(plt, result: qcqa.SearchResult, dists: list[np.ndarray]):
     n = dists[0].shape[0]
     cols = int(np.ceil(np.sqrt(len(result.fronts))))
     rows = int(np.ceil(len(result.fronts) / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 1.8 * rows), squeeze=False, sharex=True)
+    width, height = 2.2 * cols, 1.8 * rows
+    fig, axes = plt.subplots(rows, cols, figsize=(width, height), squeeze=False, sharex=True)
     for ax, (i, front), groups in zip(axes.flat, enumerate(result.fronts), result.groups, strict=False):
         d = front.to_dict()
         ax.plot(np.array(d["n_kv"]) / n, d["wse"], ".-", ms=3, lw=0.8)
@@ -146,12 +297,15 @@ def plot_fronts(result: qcqa.SearchResult, dists: list[np.ndarray], out_dir: Pat
         ax.axis("off")
     fig.supxlabel("KV fraction of the layer")
     fig.supylabel("WSE")
-    fig.tight_layout()
-    paths = [out_dir / "layer_fronts.png"]
-    fig.savefig(paths[0], dpi=110)
-    plt.close(fig)
+    # Margins in inches, not tight_layout: measuring dozens of panels draws the figure once more (a third of a
+    # QCQA job's wall time on SmolLM2; the picture is the same).
+    fig.subplots_adjust(0.75 / width, 0.6 / height, 1 - 0.1 / width, 1 - 0.3 / height, wspace=0.32, hspace=0.4)
+    return fig
 
-    heads, errors = result.info["global_front"]
+
+def _global_front_figure(plt, result: qcqa.SearchResult, dists: list[np.ndarray]):
+    n = dists[0].shape[0]
+    heads, errors = result.stage2.global_front
     total = len(dists) * n
     fig, ax = plt.subplots(figsize=(5, 3.5))
     ax.plot(np.array(heads) / total, errors, ".-", ms=3, label="QCQA front")
@@ -162,132 +316,32 @@ def plot_fronts(result: qcqa.SearchResult, dists: list[np.ndarray], out_dir: Pat
     ax.set_ylabel("total WSE")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    paths.append(out_dir / "global_front.png")
-    fig.savefig(paths[1], dpi=110)
-    plt.close(fig)
-    return paths
+    return fig
 
 
-def run(cfg: DictConfig) -> dict:
-    s = cfg.search
-    method = parse_method(s.method)
-    within, cla, seed = method.within, method.cla, method.seed
-    try:
-        budget = float(s.budget)
-    except ValueError:
-        raise KVShareError(f"search.budget={s.budget!r} is not a number: give a KV fraction in (0, 1]") from None
-    if not 0 < budget <= 1:
-        raise KVShareError(f"search.budget={s.budget} must be a KV fraction in (0, 1]")
-    if s.proxy not in PROXIES:
-        raise KVShareError(f"search.proxy={s.proxy!r} is not known; use one of {', '.join(PROXIES)}")
-    if s.solver not in qcqa.SOLVERS:
-        raise KVShareError(f"search.solver={s.solver!r} is not known; use one of {', '.join(qcqa.SOLVERS)}")
-    if s.stage2 not in qcqa.STAGE2:
-        raise KVShareError(f"search.stage2={s.stage2!r} is not known; use one of {', '.join(qcqa.STAGE2)}")
-    settings = nsga_settings(s.nsga), nsga_settings(s.stage2_nsga, "search.stage2_nsga")
-    check = int(s.proxy_check.candidates or 0)
-    if (s.proxy == "output" or check) and not s.calibration.data_dir:
-        raise KVShareError(
-            "search.proxy=output and search.proxy_check need calibration tokens: set search.calibration.data_dir "
-            "to a folder written by the tokenize stage (kvshare.tokens)"
-        )
-    tags = {"model": cfg.model.name, "method": s.method, "budget": budget}
-    with stage_run(cfg, "search", tags) as mlrun:
-        t0 = time.perf_counter()
-        config = read_config(s.model_dir)
-        check_family(config, f"search.model_dir={s.model_dir}")
-        shape = ModelShape.of(config)
-        pattern = cla_pattern(shape.num_layers, list(s.cla_layers) if s.cla_layers is not None else cla)
-        producers = sorted(set(pattern))
-        # The weight proxy reads only the K/V projections, a layer at a time; the output proxy runs the model.
-        vectors = checkpoint_head_vectors(Tensors(s.model_dir), shape.num_layers, shape.head_dim)
-        weight_dists = [pairwise_sq_dists(v) for v in vectors]
-        c = s.calibration
-        dists = weight_dists
-        model = None
-        if s.proxy == "output" or check:
-            from kvshare import proxy
-            from kvshare.checkpoint import load_model
-            from kvshare.data import calibration_windows
-            from kvshare.devices import resolve_device
-
-            model, _ = load_model(s.model_dir, resolve_device(cfg.device), "float32")
-        if s.proxy == "output":
-            windows = calibration_windows(c.data_dir, c.tokens, c.seq_len)
-            dists = proxy.output_dists(model, windows, c.batch_size)
-        max_heads = int(np.floor(budget * shape.num_layers * shape.num_kv_heads + 1e-9))
-        t_search = time.perf_counter()
-        result = find_groups(
-            within,
-            [dists[j] for j in producers],
-            max_heads,
-            shape.num_kv_heads,
-            s,
-            settings,
-            s.random_seed if seed is None else seed,
-        )
-        search_seconds = time.perf_counter() - t_search
-        by_producer = dict(zip(producers, result.groups, strict=True))
-        info = result.info
-        meta = {
-            "budget": budget,
-            "model": cfg.model.name,
-            "proxy": s.proxy,
-            "wse_total": result.total_wse,
-            "wse_per_layer": dict(zip(map(str, producers), result.layer_wse, strict=True)),
-            "wse_weight_total": float(sum(wse(weight_dists[j], by_producer[j]) for j in producers)),
-            "solver": info["solver"],
-            "evaluations": int(info.get("evaluations", 0)) + int(info.get("stage2_evaluations", 0)),
-            "search_seconds": search_seconds,
-            "search_run_id": mlrun.run_id,
-        }
-        if result.fronts:
-            n = shape.num_kv_heads
-            scale = [wse(d, [0] * n) for d in (dists[j] for j in producers)]
-            hv = [layer_hypervolume(np.array(f.errors), sc) for f, sc in zip(result.fronts, scale, strict=True)]
-            meta |= {
-                "stage2": info["stage2"],
-                "hypervolume": float(np.mean(hv)),
-                "stage1_seconds": info["stage1_seconds"],
-                "stage2_seconds": info["stage2_seconds"],
+def log_run(mlrun, plan: Plan, out: str, result: qcqa.SearchResult, dists: list[np.ndarray], ranked) -> None:
+    """Metrics, the plan, and (QCQA) the fronts as JSON and plots, (proxy check) its candidates."""
+    _log_metrics(mlrun, plan, result)
+    mlrun.log_artifact(out)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        if result.stage1 is not None and result.stage2 is not None:
+            fronts = {
+                "layers": [f.to_dict() for f in result.fronts],
+                "global_front": result.stage2.global_front._asdict(),
             }
-            if info["solver"] == "nsga":
-                meta["nsga"] = OmegaConf.to_container(s.nsga, resolve=True)
-            if info["stage2"] == "nsga":
-                meta["stage2_nsga"] = OmegaConf.to_container(s.stage2_nsga, resolve=True)
-        if check:
-            n_groups = s.proxy_check.groups or max(1, shape.num_kv_heads // 2)
-            candidates = proxy.random_candidates(
-                len(producers), shape.num_kv_heads, int(n_groups), check, s.random_seed
-            )
-            windows = calibration_windows(c.data_dir, s.proxy_check.tokens, c.seq_len, offset=c.tokens)
-            calib = calibration_windows(c.data_dir, c.tokens, c.seq_len)
-            ranked = proxy.rank_check(
-                model,
-                windows,
-                {"weight": weight_dists, "output": proxy.output_dists(model, calib, c.batch_size)},
-                [(producers[i], g) for i, g in candidates],
-                c.batch_size,
-            )
-            meta["proxy_check"] = {k: v for k, v in ranked.items() if k != "candidates"} | {"groups": int(n_groups)}
-        plan = Plan(
-            shape,
-            tuple(by_producer[pattern[i]] for i in range(shape.num_layers)),
-            tuple(pattern),
-            s.method,
-            s.cla_init,
-            meta,
-        )
-        meta["wall_seconds"] = time.perf_counter() - t0
-        plan.save(s.out)
-        _log(mlrun, plan, s.out, result, [dists[j] for j in producers], ranked if check else None)
-    return plan.to_dict()
+            (tmp / "fronts.json").write_text(json.dumps(fronts) + "\n")
+            for path in [tmp / "fronts.json", *plot_fronts(result, dists, tmp)]:
+                mlrun.log_artifact(path)
+        if ranked is not None:
+            (tmp / "proxy_check.json").write_text(json.dumps(ranked, indent=1) + "\n")
+            mlrun.log_artifact(tmp / "proxy_check.json")
 
 
-def _log(mlrun, plan: Plan, out: str, result: qcqa.SearchResult, dists: list[np.ndarray], ranked) -> None:
-    meta, info = plan.meta, result.info
-    if "hv_history" in info:  # stage 1 NSGA-II: mean and worst layer hypervolume after each generation
-        for gen, row in enumerate(info["hv_history"]):
+def _log_metrics(mlrun, plan: Plan, result: qcqa.SearchResult) -> None:
+    meta = plan.meta
+    if result.stage1 is not None and result.stage1.hv_history is not None:
+        for gen, row in enumerate(result.stage1.hv_history):  # mean and worst layer hypervolume per generation
             mlrun.log_metrics({"hypervolume": float(row.mean()), "hypervolume_min": float(row.min())}, step=gen)
     metrics = {
         "kv_fraction": plan.kv_fraction,
@@ -306,20 +360,31 @@ def _log(mlrun, plan: Plan, out: str, result: qcqa.SearchResult, dists: list[np.
         if key.startswith("rho"):
             metrics[f"proxy_{key}"] = value
     mlrun.log_metrics(metrics)
-    mlrun.log_artifact(out)
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        if result.fronts:
-            fronts = {
-                "layers": [f.to_dict() for f in result.fronts],
-                "global_front": dict(zip(("kv_heads", "wse"), info["global_front"], strict=True)),
-            }
-            (tmp / "fronts.json").write_text(json.dumps(fronts) + "\n")
-            for path in [tmp / "fronts.json", *plot_fronts(result, dists, tmp)]:
-                mlrun.log_artifact(path)
-        if ranked is not None:
-            (tmp / "proxy_check.json").write_text(json.dumps(ranked, indent=1) + "\n")
-            mlrun.log_artifact(tmp / "proxy_check.json")
+
+
+# --- the stage -------------------------------------------------------------------------------------------------
+
+
+def run(cfg: DictConfig) -> dict:
+    """Settings → distances → groups → the plan and its meta → plan file and MLflow."""
+    s = cfg.search
+    settings = check_settings(s)
+    with stage_run(cfg, "search", {"model": cfg.model.name, "method": s.method, "budget": settings.budget}) as mlrun:
+        t0 = time.perf_counter()
+        d = read_distances(cfg, settings)
+        max_heads = int(np.floor(settings.budget * d.shape.num_layers * d.shape.num_kv_heads + 1e-9))
+        t_search = time.perf_counter()
+        result = find_groups(d.of_producers(d.searched), max_heads, s, settings)
+        meta = plan_meta(cfg, settings, d, result, time.perf_counter() - t_search, mlrun.run_id)
+        ranked = None
+        if settings.check:
+            ranked, n_groups = check_proxies(cfg, d, settings.check)
+            meta["proxy_check"] = {k: v for k, v in ranked.items() if k != "candidates"} | {"groups": n_groups}
+        plan = make_plan(s, d, result, meta)
+        meta["wall_seconds"] = time.perf_counter() - t0
+        plan.save(s.out)
+        log_run(mlrun, plan, s.out, result, d.of_producers(d.searched), ranked)
+    return plan.to_dict()
 
 
 main = entry("search", run)

@@ -11,6 +11,10 @@ without touching the weights again. :func:`wse_population` prices a whole
 population of groupings in a few array passes (several 100k groupings/s for
 32 heads); :func:`wse_direct` is the definition itself, for tests and benchmarks.
 
+A grouping is a vector of group ids, one per head. The partition maths that the
+solvers and baselines share lives here too: random and contiguous groupings,
+canonical ids, group counts, divisors, per-group distance sums.
+
 A head's vector is its K and V projection rows (and biases), flattened. With a
 factor R of a layer's input covariance C = X^T X = R R^T (see
 :mod:`kvshare.proxy`), the vector is [W | b] R instead, and distances become
@@ -113,6 +117,33 @@ def pairwise_sq_dists(x: np.ndarray) -> np.ndarray:
     return d
 
 
+# --- partitions: a grouping of n heads is a vector of group ids, one per head ------------------------------------
+
+
+def contiguous(n: int, k: int) -> tuple[int, ...]:
+    """``n`` heads in ``k`` contiguous groups of sizes differing by at most one (GQA's grouping)."""
+    return tuple(int(g) for g, part in enumerate(np.array_split(np.arange(n), k)) for _ in part)
+
+
+def random_partitions(n: int, counts, rng: np.random.Generator, equal_sizes: bool = False) -> np.ndarray:
+    """One random grouping of ``n`` heads per entry of ``counts`` (its group count), as rows (len(counts), n).
+
+    Every group is non-empty: groups 0..k-1 get one head each and the other
+    heads a random group (or, with ``equal_sizes``, n / k heads per group), then
+    the heads are shuffled. The random baseline, NSGA-II's initial population
+    and the proxy check's candidates all draw from here, in this order of calls
+    to ``rng``, so a seed gives the same groupings everywhere.
+    """
+    rows = []
+    for k in counts:
+        if equal_sizes:
+            labels = np.repeat(np.arange(k), n // k)
+        else:
+            labels = np.concatenate([np.arange(k), rng.integers(0, k, n - k)])
+        rows.append(labels[rng.permutation(n)])
+    return np.array(rows, dtype=np.int64).reshape(len(rows), n)
+
+
 def canonical_rows(pop: np.ndarray) -> np.ndarray:
     """Relabel every row's group ids 0, 1, ... in order of first appearance (equal partitions → equal rows)."""
     pop = np.asarray(pop, dtype=np.int64)
@@ -131,6 +162,23 @@ def n_groups(pop: np.ndarray) -> np.ndarray:
     """Number of distinct group ids in each row of ``pop``."""
     s = np.sort(np.asarray(pop), axis=1)
     return 1 + (s[:, 1:] != s[:, :-1]).sum(axis=1)
+
+
+def divisors(n: int) -> np.ndarray:
+    """The group counts that split ``n`` heads into equal-size groups."""
+    return np.array([k for k in range(1, n + 1) if n % k == 0])
+
+
+def group_stats(dist: np.ndarray, row: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """R[i, g] = sum of D from head i to group g; S[g] = pair sum inside g; sizes."""
+    k = int(row.max()) + 1
+    onehot = np.zeros((len(row), k))
+    onehot[np.arange(len(row)), row] = 1.0
+    r = dist @ onehot
+    return r, np.einsum("ig,ig->g", onehot, r) / 2.0, onehot.sum(axis=0)
+
+
+# --- WSE --------------------------------------------------------------------------------------------------------
 
 
 def wse(dist: np.ndarray, groups) -> float:
