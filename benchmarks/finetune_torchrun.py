@@ -45,9 +45,9 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import environment  # noqa: E402
 
+from kvshare.checkpoint import load_model  # noqa: E402
 from kvshare.data import load_tokens  # noqa: E402
 from kvshare.io import atomic_write_text  # noqa: E402
-from kvshare.checkpoint import load_model  # noqa: E402
 from kvshare.training import heldout_windows, latest_checkpoint  # noqa: E402
 
 STUDY = "finetune-torchrun"

@@ -216,6 +216,111 @@ def cpu_report(r: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def finetune_run(work: Path, converted: Path, data: Path, checkpointing: bool, micro: int, steps: int) -> dict:
+    """One ``python -m kvshare.finetune`` at ``micro`` windows of 2048 per step; its summary from MLflow."""
+    from kvshare.tracking import runs_frame
+
+    name = f"ft-ac{int(checkpointing)}-mb{micro}"
+    cmd = stage("finetune", work, "scale=gpu", f"name={name}", f"finetune.checkpoint={converted}",
+                f"finetune.data_dir={data}", f"finetune.out={work}/{name}", f"finetune.micro_batch={micro}",
+                f"finetune.global_batch={micro}", f"finetune.max_steps={steps}", "finetune.checkpoint_interval=0",
+                "finetune.eval_windows=0", "finetune.peak_flops=null", "finetune.progress=false",
+                f"finetune.activation_checkpointing={checkpointing}")  # fmt: skip
+    row = {"activation_checkpointing": checkpointing, "micro_batch": micro, "steps": steps}
+    try:
+        row |= timed(cmd, work, work / f"{name}.log")
+    except RuntimeError as e:
+        return row | {"error": str(e).splitlines()[-1][-300:]}
+    finally:
+        subprocess.run(["rm", "-rf", str(work / name)], check=True)
+    runs = runs_frame(f"sqlite:///{work}/mlflow.db", experiment="scale")
+    got = runs[runs["tags.mlflow.runName"] == f"finetune:{name}"].iloc[-1]
+    keys = ("tokens_per_second_median", "mfu_median", "peak_memory_gib", "peak_flops")
+    return row | {k: float(got.get(f"metrics.{k}")) for k in keys}
+
+
+def evaluate_run(work: Path, converted: Path, base: Path, data: Path, eval_data: str, limit: int, kl: str) -> dict:
+    cmd = stage("evaluate", work, "scale=gpu", f"name=eval-{kl}", f"evaluate.checkpoint={converted}",
+                f"evaluate.base_dir={base}", f"evaluate.data_dir={data}", f"evaluate.eval_data_dir={eval_data}",
+                f"evaluate.limit={limit}", f"evaluate.kl={kl}", f"evaluate.out={work}/eval-{kl}.json")  # fmt: skip
+    row = timed(cmd, work, work / f"eval-{kl}.log")
+    m = json.loads((work / f"eval-{kl}.json").read_text())["metrics"]
+    items = sum(v for k, v in m.items() if k.startswith("n_"))
+    windows_tokens = m["eval_tokens"]  # scored tokens; both models read every window once
+    return row | {
+        "kl": kl,
+        "quality_seconds": m["quality_seconds"],
+        "scored_tokens": windows_tokens,
+        "scored_tokens_per_second": windows_tokens / m["quality_seconds"],
+        "zeroshot_seconds": m.get("zeroshot_seconds"),
+        "zeroshot_items": items,
+        "zeroshot_seconds_per_item": m["zeroshot_seconds"] / items if items else None,
+        "perplexity": m["perplexity"],
+    }
+
+
+def run_gpu(args) -> dict:
+    """One step per call (a call is limited to 10 minutes): ``prepare``, ``finetune`` or ``evaluate``; the
+    results accumulate in the output JSON."""
+    work = Path(args.work).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    base, data, converted = work / "base", work / "data", work / "qcqa-ac-converted"
+    path = Path(args.out) / "scale_bench_gpu.json"
+    results = json.loads(path.read_text()) if path.exists() else {"env": environment()}
+    if args.step == "prepare":
+        t0 = time.perf_counter()
+        tok = tokenizer(work / "tokenizer")
+        write_base(base, tok)
+        data.mkdir(exist_ok=True)
+        rng = np.random.default_rng(0)
+        for split, n in (("train", 4_000_000), ("val", 300_000)):
+            rng.integers(0, 32000, n, dtype=np.uint32).tofile(data / f"{split}.bin")
+        results["generate_seconds"] = round(time.perf_counter() - t0, 1)
+        results["qcqa-ac"] = search_and_convert(work, base, "qcqa-ac", 0.5)
+    elif args.step == "finetune":
+        for spec in args.finetune_grid.split(","):
+            checkpointing, micro = spec.split(":")
+            row = finetune_run(work, converted, data, checkpointing == "1", int(micro), args.steps)
+            results.setdefault("finetune", []).append(row)
+            print(row, flush=True)
+    else:
+        results.setdefault("evaluate", []).append(
+            evaluate_run(work, converted, base, data, args.eval_data, args.limit, args.kl)
+        )
+    results["env"] |= environment() | {"gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+    return results
+
+
+def gpu_report(r: dict) -> str:
+    lines = ["# A Llama-2-7B-shaped model through fine-tuning and evaluation on one GPU (issue 14)", "",
+             f"Machine and versions: {json.dumps(r['env'])}", "",
+             "Random bf16 weights and random tokens (speed and memory depend on shapes), QCQA-AC at half the KV "
+             "heads, converted on the device's CPUs. Every number below comes from the stage entry points "
+             "(Hydra and MLflow included).", ""]  # fmt: skip
+    if "qcqa-ac" in r:
+        q = r["qcqa-ac"]
+        lines += [f"- search: {q['search']['wall_seconds']} s, {q['search']['peak_rss_gb']} GB; convert: "
+                  f"{q['convert']['wall_seconds']} s, {q['convert']['peak_rss_gb']} GB peak RSS.", ""]  # fmt: skip
+    if r.get("finetune"):
+        lines += ["| activation checkpointing | micro batch (x 2048) | tokens/s | MFU (useful FLOPs) | peak GiB | "
+                  "note |", "|---|---|---|---|---|---|"]  # fmt: skip
+        for f in r["finetune"]:
+            if "error" in f:
+                lines.append(f"| {f['activation_checkpointing']} | {f['micro_batch']} | - | - | - | {f['error']} |")
+            else:
+                lines.append(f"| {f['activation_checkpointing']} | {f['micro_batch']} | "
+                             f"{f['tokens_per_second_median']:,.0f} | {f['mfu_median']:.1%} | "
+                             f"{f['peak_memory_gib']:.1f} | {f['steps']} steps, peak {f['peak_flops']:.3g} FLOP/s |")  # fmt: skip
+        lines += ["", "Targets: ≥ 45% MFU counting only useful FLOPs, peak ≤ 120 GiB.", ""]
+    for e in r.get("evaluate", []):
+        lines.append(f"- evaluate (kl={e['kl']}): {e['scored_tokens']:,} scored tokens in {e['quality_seconds']:.1f} s "
+                     f"({e['scored_tokens_per_second']:,.0f} tokens/s, variant and base model); zero-shot "
+                     f"{e['zeroshot_items']} items in {e['zeroshot_seconds']:.1f} s, "
+                     f"{e['zeroshot_seconds_per_item'] * 1000:.0f} ms per item; the full suite (22,439 items) "
+                     f"would take about {e['zeroshot_seconds_per_item'] * 22439 / 60:.0f} minutes.")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("phase", choices=["cpu", "gpu"])
@@ -223,6 +328,12 @@ def main() -> None:
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     ap.add_argument("--check-layers", type=int, default=2)
     ap.add_argument("--keep", action="store_true", help="keep the converted checkpoints")
+    ap.add_argument("--step", choices=["prepare", "finetune", "evaluate"], default="prepare", help="gpu: what to run")
+    ap.add_argument("--finetune-grid", default="0:1,0:2,1:4,1:8", help="gpu: checkpointing(0/1):micro_batch, ...")
+    ap.add_argument("--steps", type=int, default=8, help="gpu: optimizer steps per fine-tuning run")
+    ap.add_argument("--eval-data", default="", help="gpu: the evaldata stage's folder")
+    ap.add_argument("--limit", type=int, default=50, help="gpu: zero-shot items per task")
+    ap.add_argument("--kl", default="auto", help="gpu: evaluate.kl")
     args = ap.parse_args()
     results = run_cpu(args) if args.phase == "cpu" else run_gpu(args)
     report = cpu_report(results) if args.phase == "cpu" else gpu_report(results)
