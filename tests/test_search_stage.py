@@ -114,7 +114,7 @@ def test_qcqa_beats_gqa_and_logs_to_mlflow(root, tmp_path):
     assert sorted(m.step for m in hv) == list(range(9))  # generation 0 (initial population) .. 8
     assert [m.value for m in sorted(hv, key=lambda m: m.step)] == sorted(m.value for m in hv)  # archive never worsens
     names = {a.path for a in client.list_artifacts(run_id)}
-    assert {"fronts.json", "layer_fronts.png", "global_front.png", "qcqa-ac.json"} <= names
+    assert {"fronts.json", "fronts.png", "qcqa-ac.json"} <= names
     fronts = json.loads(open(client.download_artifacts(run_id, "fronts.json", str(tmp_path))).read())
     assert len(fronts["layers"]) == 3 and fronts["global_front"]["kv_heads"][-1] == 24
 
