@@ -54,6 +54,9 @@ LLAMA2_7B = dict(
     hidden_act="silu", tie_word_embeddings=False, attention_bias=False, mlp_bias=False, dtype="bfloat16",
     bos_token_id=1, eos_token_id=2,
 )  # fmt: skip
+# The same flow in seconds on a CPU, to check the script before spending GPU time on it (--shape tiny).
+SHAPES = {"llama2-7b": LLAMA2_7B, "tiny": LLAMA2_7B | dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                                                          num_attention_heads=8, num_key_value_heads=8, head_dim=8)}  # fmt: skip
 
 
 def tensor_shapes(c: dict) -> list[tuple[str, tuple[int, ...]]]:
@@ -86,11 +89,11 @@ def random_tensors(c: dict, seed: int = 0):
             yield name, pool[start : start + n].clone().view(shape)
 
 
-def write_base(folder: Path, tokenizer_dir: Path) -> None:
-    """The random 7B-shaped checkpoint in 5 GB shards, with the tokenizer of ``tokenizer_dir``."""
+def write_base(folder: Path, tokenizer_dir: Path, config: dict) -> None:
+    """A random checkpoint of ``config``'s shape in 5 GB shards, with the tokenizer of ``tokenizer_dir``."""
     if (folder / "config.json").exists():
         return
-    write_folder(folder, LLAMA2_7B, random_tensors(LLAMA2_7B), tokenizer_dir, 5 * 10**9)
+    write_folder(folder, config, random_tensors(config), tokenizer_dir, 5 * 10**9)
 
 
 def tokenizer(folder: Path, vocab_size: int = 32000) -> Path:
@@ -117,9 +120,12 @@ def timed(cmd: list[str], cwd: Path, log: Path) -> dict:
     return {"wall_seconds": round(seconds, 1), "peak_rss_gb": round(rss * 1024 / 1e9, 2)}
 
 
+EXTRA: list[str] = []  # --override: appended to every stage's command line
+
+
 def stage(module: str, work: Path, *overrides: str) -> list[str]:
     return [sys.executable, "-m", f"kvshare.{module}", "study=scale", f"hydra.run.dir={work}/hydra",
-            f"mlflow.tracking_uri=sqlite:///{work}/mlflow.db", *overrides]  # fmt: skip
+            f"mlflow.tracking_uri=sqlite:///{work}/mlflow.db", *overrides, *EXTRA]  # fmt: skip
 
 
 def search_and_convert(work: Path, base: Path, method: str, budget: float) -> dict:
@@ -185,7 +191,7 @@ def run_cpu(args) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     base = work / "base"
     t0 = time.perf_counter()
-    write_base(base, tokenizer(work / "tokenizer"))
+    write_base(base, tokenizer(work / "tokenizer"), SHAPES[args.shape])
     results = {"env": environment(), "base_gb": round(Tensors(base).nbytes() / 1e9, 2),
                "base_files": len(Tensors(base).files()), "generate_seconds": round(time.perf_counter() - t0, 1)}  # fmt: skip
     for method in ("gqa", "qcqa-ac"):
@@ -270,7 +276,7 @@ def run_gpu(args) -> dict:
     if args.step == "prepare":
         t0 = time.perf_counter()
         tok = tokenizer(work / "tokenizer")
-        write_base(base, tok)
+        write_base(base, tok, SHAPES[args.shape])
         data.mkdir(exist_ok=True)
         rng = np.random.default_rng(0)
         for split, n in (("train", 4_000_000), ("val", 300_000)):
@@ -327,6 +333,7 @@ def main() -> None:
     ap.add_argument("--work", required=True, help="a folder on a disk with ~45 GB free")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     ap.add_argument("--check-layers", type=int, default=2)
+    ap.add_argument("--shape", choices=list(SHAPES), default="llama2-7b")
     ap.add_argument("--keep", action="store_true", help="keep the converted checkpoints")
     ap.add_argument("--step", choices=["prepare", "finetune", "evaluate"], default="prepare", help="gpu: what to run")
     ap.add_argument("--finetune-grid", default="0:1,0:2,1:4,1:8", help="gpu: checkpointing(0/1):micro_batch, ...")
@@ -334,7 +341,9 @@ def main() -> None:
     ap.add_argument("--eval-data", default="", help="gpu: the evaldata stage's folder")
     ap.add_argument("--limit", type=int, default=50, help="gpu: zero-shot items per task")
     ap.add_argument("--kl", default="auto", help="gpu: evaluate.kl")
+    ap.add_argument("--override", action="append", default=[], help="a Hydra override for every stage (device=cpu)")
     args = ap.parse_args()
+    EXTRA.extend(args.override)
     results = run_cpu(args) if args.phase == "cpu" else run_gpu(args)
     report = cpu_report(results) if args.phase == "cpu" else gpu_report(results)
     atomic_write_text(Path(args.out) / f"scale_bench_{args.phase}.json", json.dumps(results, indent=1) + "\n")

@@ -49,3 +49,15 @@ def test_a_failed_stage_keeps_its_error_in_mlflow(tmp_path):
     runs = runs_frame(f"sqlite:///{tmp_path}/mlflow.db", experiment="failing")
     assert list(runs["status"]) == ["FAILED"]
     assert list(runs["tags.kvshare.error"]) == ["KVShareError: finetune.micro_batch=64 does not fit: lower it"]
+
+
+def test_a_store_deleted_while_its_service_runs_is_created_afresh(tmp_path):
+    """`rm mlflow.db` between two runs: the service still holding the old file hands over to a new one."""
+    cfg = make_cfg(tmp_path, "evaldata", "study=fresh")
+    with stage_run(cfg, "probe") as first:
+        first.log_metrics({"x": 1.0})
+    (tmp_path / "mlflow.db").unlink()
+    with stage_run(cfg, "probe") as second:
+        second.log_metrics({"x": 2.0})
+    runs = runs_frame(f"sqlite:///{tmp_path}/mlflow.db", experiment="fresh")
+    assert list(runs.run_id) == [second.run_id] and list(runs["metrics.x"]) == [2.0]

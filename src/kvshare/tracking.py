@@ -115,6 +115,11 @@ class Service:
         if not line:
             raise KVShareError(f"the MLflow tracking service for {self.uri} went away: see {self.path}.log")
         reply = json.loads(line)
+        if reply.get("stale"):  # the store file was replaced since the service opened it: a new service
+            self.close()
+            self.sock = self._start()
+            self.reader = self.sock.makefile("rb")
+            return self.call(op, **args)
         if not reply["ok"]:
             raise RuntimeError(f"MLflow {op} failed: {reply['error']}")
         return reply["result"]

@@ -38,6 +38,17 @@ class Store:
         self.client = MlflowClient(tracking_uri=uri)
         with store_lock(uri):
             self.client.search_experiments(max_results=1)  # creates a fresh store's tables before any client waits
+        db = sqlite_path(uri)
+        self.inode = os.stat(db).st_ino if db else None
+
+    def stale(self) -> bool:
+        """Whether the SQLite file was deleted or replaced since it was opened (``rm mlflow.db`` and a new run):
+        the open connection would write to the old, unlinked file."""
+        db = sqlite_path(self.uri)
+        try:
+            return db is not None and os.stat(db).st_ino != self.inode
+        except FileNotFoundError:
+            return True
 
     def experiment(self, name: str) -> str:
         """The experiment's id, created (with artifacts beside a SQLite store) if it does not exist."""
@@ -117,6 +128,12 @@ class Handler(socketserver.StreamRequestHandler):
             for line in self.rfile:
                 request = json.loads(line)
                 op = request.pop("op")
+                if server.store.stale():  # the client starts a new service and asks it again
+                    with server.lock:
+                        server.unlink()
+                    threading.Thread(target=server.shutdown, daemon=True).start()
+                    self.wfile.write(json.dumps({"ok": False, "stale": True}).encode() + b"\n")
+                    return
                 try:
                     with server.lock, store_lock(server.store.uri):
                         result = getattr(server.store, op)(**request)
