@@ -15,10 +15,10 @@ import torch.nn.functional as F
 from mlflow.tracking import MlflowClient
 
 from kvshare import convert, prepare, search, tokenize
-from kvshare.data import load_tokens, tokenize_corpus
+from kvshare.data import heldout_windows, load_tokens, tokenize_corpus
 from kvshare.errors import KVShareError
 from kvshare.models import load_model
-from kvshare.training import TrainSettings, heldout_windows, latest_checkpoint, lm_loss, train
+from kvshare.training import TrainSettings, latest_checkpoint, lm_loss, train
 from tests.builders import make_cfg, tiny_llama
 
 CPU = torch.device("cpu")
@@ -226,7 +226,8 @@ def _fsdp_rank(rank: int, world: int, port: int, out: str) -> None:
     import os
     from unittest import mock
 
-    from kvshare.training import Windows, setup_distributed, trained_model
+    from kvshare.data import Windows
+    from kvshare.training import setup_distributed, trained_model
 
     os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)

@@ -1,10 +1,12 @@
-"""Text corpora and their token files.
+"""Text corpora, their token files, and the token windows training reads from them.
 
 A corpus is a sequence of documents. Each document goes wholly to the training
 or the held-out split, chosen by a stable hash of its text, so the splits never
 share a document and the split does not depend on file order. Token files are
 flat ``uint32`` arrays (documents joined by the EOS token) read back as
-memory maps.
+memory maps. Training (:mod:`kvshare.training`) cuts them into non-overlapping
+windows of ``seq_len + 1`` tokens: :class:`Windows` visits the training split's
+in a seeded random order, :func:`heldout_windows` takes the held-out split's first.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from kvshare.errors import KVShareError
 from kvshare.io import atomic_dir
@@ -84,3 +87,33 @@ def load_tokens(data_dir: str | Path, split: str) -> np.ndarray:
     if not path.exists():
         raise KVShareError(f"{path} does not exist: run kvshare.tokenize first (the tokenize rule)")
     return np.memmap(path, dtype=np.uint32, mode="r")
+
+
+class Windows:
+    """Window ``i`` of an endless seeded shuffle of the non-overlapping ``seq_len + 1`` windows of ``tokens``."""
+
+    def __init__(self, tokens: np.ndarray, seq_len: int, seed: int, section: str = "finetune"):
+        self.tokens, self.seq_len, self.seed = tokens, seq_len, seed
+        self.count = (len(tokens) - 1) // seq_len
+        if self.count < 1:
+            raise KVShareError(f"{section}.seq_len={seq_len} needs more than {len(tokens)} training tokens: lower it")
+        self._epoch, self._order = -1, None
+
+    def start(self, i: int) -> int:
+        epoch, pos = divmod(i, self.count)
+        if epoch != self._epoch:
+            self._epoch, self._order = epoch, np.random.default_rng([self.seed, epoch]).permutation(self.count)
+        return int(self._order[pos]) * self.seq_len
+
+    def batch(self, first: int, n: int) -> torch.Tensor:
+        """Windows ``first .. first + n - 1`` as int64, shape (n, seq_len + 1)."""
+        rows = [self.tokens[s : s + self.seq_len + 1] for s in (self.start(i) for i in range(first, first + n))]
+        return torch.from_numpy(np.stack(rows).astype(np.int64))
+
+
+def heldout_windows(tokens: np.ndarray, seq_len: int, n: int) -> torch.Tensor | None:
+    """The first ``n`` non-overlapping windows of the held-out split (None if it holds none)."""
+    n = min(n, (len(tokens) - 1) // seq_len)
+    if n < 1:
+        return None
+    return torch.from_numpy(np.stack([tokens[w * seq_len : (w + 1) * seq_len + 1] for w in range(n)]).astype(np.int64))

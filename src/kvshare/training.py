@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from kvshare.data import Windows, heldout_windows
 from kvshare.errors import KVShareError
 from kvshare.io import atomic_dir, atomic_write_text
 
@@ -105,36 +106,6 @@ def lr_at(step: int, max_steps: int, warmup: int, min_fraction: float) -> float:
         return (step + 1) / warmup
     progress = (step - warmup) / max(1, max_steps - warmup)
     return min_fraction + (1 - min_fraction) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-class Windows:
-    """Window ``i`` of an endless seeded shuffle of the non-overlapping ``seq_len + 1`` windows of ``tokens``."""
-
-    def __init__(self, tokens: np.ndarray, seq_len: int, seed: int, section: str = "finetune"):
-        self.tokens, self.seq_len, self.seed = tokens, seq_len, seed
-        self.count = (len(tokens) - 1) // seq_len
-        if self.count < 1:
-            raise KVShareError(f"{section}.seq_len={seq_len} needs more than {len(tokens)} training tokens: lower it")
-        self._epoch, self._order = -1, None
-
-    def start(self, i: int) -> int:
-        epoch, pos = divmod(i, self.count)
-        if epoch != self._epoch:
-            self._epoch, self._order = epoch, np.random.default_rng([self.seed, epoch]).permutation(self.count)
-        return int(self._order[pos]) * self.seq_len
-
-    def batch(self, first: int, n: int) -> torch.Tensor:
-        """Windows ``first .. first + n - 1`` as int64, shape (n, seq_len + 1)."""
-        rows = [self.tokens[s : s + self.seq_len + 1] for s in (self.start(i) for i in range(first, first + n))]
-        return torch.from_numpy(np.stack(rows).astype(np.int64))
-
-
-def heldout_windows(tokens: np.ndarray, seq_len: int, n: int) -> torch.Tensor | None:
-    """The first ``n`` non-overlapping windows of the held-out split (None if it holds none)."""
-    n = min(n, (len(tokens) - 1) // seq_len)
-    if n < 1:
-        return None
-    return torch.from_numpy(np.stack([tokens[w * seq_len : (w + 1) * seq_len + 1] for w in range(n)]).astype(np.int64))
 
 
 # --- loss -------------------------------------------------------------------
