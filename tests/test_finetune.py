@@ -157,7 +157,7 @@ def test_out_of_memory_names_the_settings_to_lower(tmp_path, monkeypatch):
     def oom(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory")
 
-    monkeypatch.setattr("kvshare.training._Objective.forward", oom)
+    monkeypatch.setattr("kvshare.training.loss._Objective.forward", oom)
     with pytest.raises(KVShareError, match=r"micro_batch=2, seq_len=32: lower micro_batch"):
         run(tiny_llama(layers=2), settings(tmp_path, eval_windows=0))
 
