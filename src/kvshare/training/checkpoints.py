@@ -15,8 +15,10 @@ from pathlib import Path
 
 import torch
 
+from kvshare.errors import KVShareError
 from kvshare.io import atomic_dir, atomic_write_text
-from kvshare.training.distributed import SINGLE, Dist
+from kvshare.training.distributed import SINGLE, Dist, barrier
+from kvshare.training.settings import TrainSettings
 
 LATEST = "latest"
 SHARDS = "shards"  # under FSDP: the folder of model and optimizer shards inside a checkpoint
@@ -32,7 +34,35 @@ def latest_checkpoint(resume_dir: str | Path | None) -> Path | None:
     return path if (path / "state.pt").exists() else None
 
 
-def _save_checkpoint(resume_dir: Path, step: int, state: dict, keep: int, dist: Dist = SINGLE, shards=None) -> Path:
+def run_fingerprint(s: TrainSettings, train_tokens: int, extra: dict | None = None) -> dict:
+    """Everything a resumed run must share with the original for its losses to continue exactly (JSON-able).
+
+    ``extra`` names what else must match (input paths, say).
+    """
+    keys = ("seq_len", "global_batch", "lr", "min_lr_fraction", "warmup_fraction", "weight_decay", "betas")
+    fp = {k: getattr(s, k) for k in keys} | {"steps": s.steps, "seed": s.seed, "distill": s.distill_weight}
+    if s.parallel == "fsdp":  # its checkpoints hold shards, not whole state dicts
+        fp["parallel"] = s.parallel
+    return json.loads(json.dumps({**fp, "train_tokens": train_tokens, **(extra or {})}))
+
+
+def save_checkpoint(
+    resume_dir: Path, step: int, state: dict, keep: int, model, opt, dist: Dist = SINGLE, sharded: bool = False
+) -> Path | None:
+    """Write checkpoint ``step``: ``state`` plus the model and optimizer. Every rank must call it.
+
+    Returns the folder written, or None on a rank that wrote nothing (all but rank 0, unless ``sharded``).
+    """
+    path = None
+    if sharded:
+        path = _write(resume_dir, step, state, keep, dist, _shards(model, opt))
+    elif dist.main:
+        path = _write(resume_dir, step, state | {"model": model.state_dict(), "optimizer": opt.state_dict()}, keep)
+    barrier(dist)
+    return path
+
+
+def _write(resume_dir: Path, step: int, state: dict, keep: int, dist: Dist = SINGLE, shards=None) -> Path:
     """Rank 0 writes ``state``; with ``shards`` (FSDP) every rank must call it and writes its own part."""
     name = f"step-{step:08d}"
     with atomic_dir(resume_dir / name) if dist.main else nullcontext() as tmp:
@@ -54,6 +84,28 @@ def _save_checkpoint(resume_dir: Path, step: int, state: dict, keep: int, dist: 
     return resume_dir / name
 
 
+def load_checkpoint(folder: Path, fp: dict, resume_dir, model, opt, sched, device: torch.device, sharded: bool) -> dict:
+    """Load checkpoint ``folder`` into the model, optimizer, scheduler and RNGs; return its state (step, tokens, ...).
+
+    Refuses one written by a run of another fingerprint (:func:`run_fingerprint`).
+    """
+    state = torch.load(folder / "state.pt", map_location=device, weights_only=False)
+    if state["fingerprint"] != fp:
+        diff = sorted(k for k in fp.keys() | state["fingerprint"].keys() if fp.get(k) != state["fingerprint"].get(k))
+        raise KVShareError(
+            f"{folder} was written by a run with other settings ({', '.join(diff)}): "
+            f"restore them, or delete {resume_dir} to start afresh"
+        )
+    if sharded:
+        _load_shards(model, opt, folder / SHARDS)
+    else:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    _set_rng_state(state["rng"], device)
+    return state
+
+
 def _shards(model, opt) -> dict:
     """Model and optimizer state as this rank's shards, keyed by parameter name (torch.distributed.checkpoint)."""
     from torch.distributed.checkpoint.state_dict import get_state_dict
@@ -71,7 +123,7 @@ def _load_shards(model, opt, folder: Path) -> None:
     set_state_dict(model, opt, model_state_dict=shards["model"], optim_state_dict=shards["optimizer"])
 
 
-def _rng_state(device: torch.device) -> dict:
+def rng_state(device: torch.device) -> dict:
     state = {"torch": torch.get_rng_state()}
     if device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(device)
