@@ -1,8 +1,9 @@
 """The training loop of ``kvshare.finetune`` and ``kvshare.pretrain``: fast, resumable, one or many GPUs.
 
 Not a stage itself: the stages build the model and call :func:`train`; so does
-``benchmarks/finetune_bench.py``. It imports only torch, numpy, tqdm and
-transformers, so it runs where Hydra and MLflow are not installed.
+``benchmarks/finetune_bench.py``. It needs only torch, numpy, tqdm and
+transformers (the last imported where it is used), so it runs where Hydra and
+MLflow are not installed.
 
 - Data: the training split cut into non-overlapping windows of ``seq_len + 1``
   tokens, visited in a seeded random order, epoch after epoch
@@ -16,6 +17,10 @@ transformers, so it runs where Hydra and MLflow are not installed.
 - Ranks (``parallel``): ``ddp`` keeps a replica of the model on each;
   ``fsdp`` shards parameters, gradients and optimizer state over them (FSDP2,
   one unit per decoder layer), for models too big for one GPU.
+- Memory (``activation_checkpointing``): each decoder layer's activations are
+  recomputed in the backward pass instead of kept (per layer, non-reentrant),
+  for about a third more compute; with cross-layer K/V sharing, compile, DDP
+  and FSDP alike (:mod:`.activations`).
 - Loss: the LM head and cross-entropy run together in chunks of tokens
   (:func:`lm_loss`), so full float32 logits over a large vocabulary never exist;
   optionally mixed with a teacher's distillation KL.
@@ -30,7 +35,8 @@ transformers, so it runs where Hydra and MLflow are not installed.
 
 Modules: :mod:`.settings` (TrainSettings, the schedule), :mod:`.loss`,
 :mod:`.distributed` (ranks, FSDP), :mod:`.checkpoints`, :mod:`.accounting`
-(FLOPs, MFU) and :mod:`.loop` (:func:`train`).
+(FLOPs, MFU), :mod:`.activations` (activation checkpointing, and the K/V
+hand-over of cross-layer sharing) and :mod:`.loop` (:func:`train`).
 """
 
 from kvshare.training.accounting import flops_per_token, matmul_flops

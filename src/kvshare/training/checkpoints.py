@@ -37,7 +37,9 @@ def latest_checkpoint(resume_dir: str | Path | None) -> Path | None:
 def run_fingerprint(s: TrainSettings, train_tokens: int, extra: dict | None = None) -> dict:
     """Everything a resumed run must share with the original for its losses to continue exactly (JSON-able).
 
-    ``extra`` names what else must match (input paths, say).
+    ``extra`` names what else must match (input paths, say). Settings that change speed or memory but not the
+    losses (micro_batch, compile, activation_checkpointing, the number of GPUs) may differ: a run that ran out of
+    memory can resume with a smaller micro-batch, say.
     """
     keys = ("seq_len", "global_batch", "lr", "min_lr_fraction", "warmup_fraction", "weight_decay", "betas")
     fp = {k: getattr(s, k) for k in keys} | {"steps": s.steps, "seed": s.seed, "distill": s.distill_weight}

@@ -162,6 +162,10 @@ def _setup(model, s: TrainSettings, device: torch.device, dist: Dist, teacher, a
         model.to(device)
     model.train()
     autocast = partial(torch.autocast, device.type, dtype=torch.bfloat16, enabled=s.bf16)
+    if s.activation_checkpointing:  # before compiling, which traces the checkpoints into each layer's graph
+        from kvshare.training.activations import checkpoint_layers
+
+        checkpoint_layers(model, s.section, s.compile)
     if s.compile:  # before sharding, so FSDP's hooks stay outside each compiled layer
         _compile(model, sharded)
         if teacher is not None:

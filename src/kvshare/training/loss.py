@@ -106,13 +106,14 @@ def lm_loss(hidden, weight, targets, teacher=None, distill_weight=0.0, temperatu
 
 def final_hidden(model, input_ids: torch.Tensor) -> torch.Tensor:
     """The decoder's last hidden states (B, S, H), without the LM head."""
-    kwargs = {"use_cache": False}  # a training forward needs no cache...
+    cache = None  # a training forward needs no cache...
     if getattr(model, "shares_across_layers", False):
-        # ...except that cross-layer sharing passes K/V between layers through it (kvshare.modeling).
-        from transformers import DynamicCache
+        # ...except that cross-layer sharing passes K/V between layers through it (kvshare.modeling):
+        # one that a layer recomputed by activation checkpointing may write again (.activations).
+        from kvshare.training.activations import KVHandover
 
-        kwargs = {"past_key_values": DynamicCache(config=model.config), "use_cache": True}
-    return model.model(input_ids=input_ids, **kwargs).last_hidden_state
+        cache = KVHandover(model.config.num_hidden_layers)
+    return model.model(input_ids=input_ids, past_key_values=cache, use_cache=False).last_hidden_state
 
 
 class _Objective(nn.Module):

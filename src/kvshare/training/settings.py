@@ -24,6 +24,7 @@ class TrainSettings:
     grad_clip: float = 1.0
     bf16: bool = False
     compile: bool = False
+    activation_checkpointing: bool = False  # recompute each decoder layer's activations in the backward pass
     loss_chunk: int = 4096  # tokens per chunk of the fused LM head + loss
     distill_weight: float = 0.0  # share of the teacher's KL in the loss (needs a teacher)
     distill_temperature: float = 1.0
