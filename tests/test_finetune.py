@@ -349,6 +349,7 @@ def test_training_with_activation_checkpointing_gives_the_same_losses(tmp_path, 
     assert results[True].heldout_loss_after == pytest.approx(results[False].heldout_loss_after, abs=1e-6)
 
 
+@pytest.mark.slow
 def test_activation_checkpointing_of_compiled_cla_layers_gives_the_eager_losses(tmp_path, monkeypatch):
     """torch.compile traces each checkpoint into the decoder's graph, K/V hand-over included, without a graph break.
 
