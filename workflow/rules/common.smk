@@ -38,10 +38,12 @@ def base_model(wildcards):
 
 
 def code(*modules):
-    """The stage's own sources and the config tree: editing them reruns the stage."""
-    return [str(SRC / f"{m}.py") for m in ("cli", "tracking", *modules)] + [
-        str(Path(workflow.basedir) / "conf" / "config.yaml")
-    ]
+    """The stage's own sources (every module of a package) and the config tree: editing them reruns the stage."""
+    files = []
+    for m in ("cli", "tracking", *modules):
+        package = SRC / m
+        files += sorted(str(p) for p in package.glob("*.py")) if package.is_dir() else [str(SRC / f"{m}.py")]
+    return files + [str(Path(workflow.basedir) / "conf" / "config.yaml")]
 
 
 def hydra(stage, run_name):
