@@ -46,9 +46,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import environment  # noqa: E402
 
 from kvshare.checkpoint import load_model  # noqa: E402
-from kvshare.data import load_tokens  # noqa: E402
+from kvshare.data import heldout_windows, load_tokens  # noqa: E402
 from kvshare.io import atomic_write_text  # noqa: E402
-from kvshare.training import heldout_windows, latest_checkpoint  # noqa: E402
+from kvshare.training import latest_checkpoint  # noqa: E402
 
 STUDY = "finetune-torchrun"
 EVAL_WINDOWS = 16  # held-out windows: logged by each run, recomputed from its written checkpoint

@@ -1,5 +1,5 @@
-"""The training loop (kvshare.training) on tiny CPU models: learning, exact resume, distillation, failures;
-the fine-tuning entry point under torchrun (DDP, FSDP on gloo)."""
+"""The training loop (kvshare.training) on tiny CPU models: learning, exact resume, distillation, failures,
+activation checkpointing; the fine-tuning entry point under torchrun (DDP, FSDP on gloo)."""
 
 import copy
 import json
@@ -16,9 +16,13 @@ from mlflow.tracking import MlflowClient
 
 from kvshare import convert, prepare, search, tokens
 from kvshare.checkpoint import load_model
-from kvshare.data import load_tokens, tokenize_corpus
+from kvshare.data import heldout_windows, load_tokens, tokenize_corpus
 from kvshare.errors import KVShareError
-from kvshare.training import TrainSettings, heldout_windows, latest_checkpoint, lm_loss, train
+from kvshare.merge import convert_model
+from kvshare.plan import ModelShape, Plan, cla_pattern
+from kvshare.training import TrainSettings, latest_checkpoint, lm_loss, train
+from kvshare.training.activations import checkpoint_layers
+from kvshare.training.loss import final_hidden
 from tests.builders import make_cfg, pipeline_cfg, tiny_llama
 
 CPU = torch.device("cpu")
@@ -157,7 +161,7 @@ def test_out_of_memory_names_the_settings_to_lower(tmp_path, monkeypatch):
     def oom(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory")
 
-    monkeypatch.setattr("kvshare.training._Objective.forward", oom)
+    monkeypatch.setattr("kvshare.training.loss._Objective.forward", oom)
     with pytest.raises(KVShareError, match=r"micro_batch=2, seq_len=32: lower micro_batch"):
         run(tiny_llama(layers=2), settings(tmp_path, eval_windows=0))
 
@@ -226,7 +230,8 @@ def _fsdp_rank(rank: int, world: int, port: int, out: str) -> None:
     import os
     from unittest import mock
 
-    from kvshare.training import Windows, setup_distributed, trained_model
+    from kvshare.data import Windows
+    from kvshare.training import setup_distributed, trained_model
 
     os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -290,6 +295,81 @@ def test_parallel_is_checked(tmp_path):
         run(tiny_llama(layers=2), settings(tmp_path, parallel="zero"))
     with pytest.raises(KVShareError, match=r"parallel=fsdp shards the model over several processes: .*torchrun"):
         run(tiny_llama(layers=2), settings(tmp_path, parallel="fsdp"))
+
+
+def kv_variant(name: str):
+    """A tiny GQA Llama, or a kvshare model converted from it: unequal groups, cross-layer sharing, or both."""
+    base = tiny_llama(heads=8, kv_heads=4, layers=4)
+    shape = ModelShape.of(base.config)
+    unequal = Plan(shape, ((2, 0, 2, 1), (0, 1, 1, 2), (0, 1, 2, 3), (0, 0, 1, 1)), tuple(range(4)), "qcqa-ac")
+    plans = {
+        "qcqa-ac": unequal,
+        "cla2": Plan.identity(shape).with_cla(cla_pattern(4, 2)),
+        "qcqa-ac+cla": unequal.with_cla([0, 0, 0, 3], "mean"),  # layer 0's K/V serve layers 1 and 2 too
+    }
+    return base if name == "gqa" else convert_model(base, plans[name])
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("variant", ["gqa", "qcqa-ac", "cla2", "qcqa-ac+cla"])
+def test_activation_checkpointing_recomputes_each_layer_with_the_same_loss_and_gradients(variant, attn):
+    windows = torch.from_numpy(corpus(4 * 33).astype(np.int64)).view(4, 33)
+    loss, grads, runs = {}, {}, {}
+    for on in (False, True):
+        model = kv_variant(variant).train()
+        model.config._attn_implementation = attn
+        if on:
+            checkpoint_layers(model)
+        ran = []
+        for layer in model.model.layers:
+            layer.mlp.register_forward_pre_hook(lambda *_, ran=ran: ran.append(1))
+        h = final_hidden(model, windows[:, :-1])
+        loss[on] = lm_loss(h.flatten(0, 1), model.get_output_embeddings().weight, windows[:, 1:].flatten())[0]
+        loss[on].backward()
+        grads[on] = {name: p.grad for name, p in model.named_parameters()}
+        runs[on] = len(ran)
+    assert runs == {False: 4, True: 8}  # checkpointed, each layer ran again in the backward pass
+    assert loss[True].item() == pytest.approx(loss[False].item(), abs=1e-6)
+    assert grads[True].keys() == grads[False].keys()
+    for name, grad in grads[False].items():
+        assert torch.allclose(grads[True][name], grad, rtol=0, atol=1e-6), name
+
+
+@pytest.mark.parametrize("variant", ["gqa", "cla2"])
+def test_training_with_activation_checkpointing_gives_the_same_losses(tmp_path, variant):
+    results, logs = {}, {}
+    for on in (False, True):
+        s = settings(tmp_path / str(on), max_steps=3, eval_interval=2, eval_windows=2, activation_checkpointing=on)
+        results[on], logs[on] = run(kv_variant(variant), s)
+    assert sorted(logs[True]) == sorted(logs[False]) == [1, 2, 3]
+    for step, metrics in logs[False].items():
+        for key in ("train_loss", "grad_norm", "heldout_loss"):
+            if key in metrics:
+                assert logs[True][step][key] == pytest.approx(metrics[key], abs=1e-6), (step, key)
+    assert results[True].heldout_loss_after == pytest.approx(results[False].heldout_loss_after, abs=1e-6)
+
+
+@pytest.mark.slow
+def test_activation_checkpointing_of_compiled_cla_layers_gives_the_eager_losses(tmp_path, monkeypatch):
+    """torch.compile traces each checkpoint into the decoder's graph, K/V hand-over included, without a graph break.
+
+    The aot_eager backend: dynamo and AOTAutograd (which plans the recompute), without inductor's slow C++ builds.
+    """
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda *a, **k: compile_(*a, **{**k, "backend": "aot_eager"}))
+    monkeypatch.setattr("kvshare.training.loss._compiled_chunk", None)
+    torch._dynamo.reset()
+    counters.clear()
+    s = settings(tmp_path / "compiled", max_steps=3, eval_windows=0, compile=True, activation_checkpointing=True)
+    with torch._dynamo.config.patch(skip_fwd_side_effects_in_bwd_under_checkpoint=False):  # as train finds it
+        _, compiled = run(kv_variant("cla2"), s)
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    _, eager = run(kv_variant("cla2"), settings(tmp_path / "eager", max_steps=3, eval_windows=0))
+    for step, metrics in eager.items():
+        assert compiled[step]["train_loss"] == pytest.approx(metrics["train_loss"], abs=1e-5), step
 
 
 def test_pretrain_writes_loadable_checkpoints_in_any_layout_from_the_same_tokens(tmp_path):

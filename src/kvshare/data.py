@@ -1,10 +1,12 @@
-"""Text corpora and their token files.
+"""Text corpora, their token files, and the token windows training reads from them.
 
 A corpus is a sequence of documents. Each document goes wholly to the training
 or the held-out split, chosen by a stable hash of its text, so the splits never
 share a document and the split does not depend on file order. Token files are
 flat ``uint32`` arrays (documents joined by the EOS token) read back as
-memory maps.
+memory maps. Training (:mod:`kvshare.training`) cuts them into non-overlapping
+windows of ``seq_len + 1`` tokens: :class:`Windows` visits the training split's
+in a seeded random order, :func:`heldout_windows` takes the held-out split's first.
 """
 
 from __future__ import annotations
@@ -98,8 +100,38 @@ def cut(tokens: np.ndarray, starts, length: int):
     return torch.from_numpy(np.stack([np.asarray(tokens[s : s + length], dtype=np.int64) for s in starts]))
 
 
+class Windows:
+    """Training windows: window ``i`` of an endless seeded shuffle of the non-overlapping ``seq_len + 1`` windows
+    of ``tokens``. The windows of step ``s`` depend on (seed, s) alone, so a resumed run, a run on any number of
+    GPUs and every model trained on the same token files see the same tokens."""
+
+    def __init__(self, tokens: np.ndarray, seq_len: int, seed: int, section: str = "finetune"):
+        self.tokens, self.seq_len, self.seed = tokens, seq_len, seed
+        self.count = (len(tokens) - 1) // seq_len
+        if self.count < 1:
+            raise KVShareError(f"{section}.seq_len={seq_len} needs more than {len(tokens)} training tokens: lower it")
+        self._epoch, self._order = -1, None
+
+    def start(self, i: int) -> int:
+        epoch, pos = divmod(i, self.count)
+        if epoch != self._epoch:
+            self._epoch, self._order = epoch, np.random.default_rng([self.seed, epoch]).permutation(self.count)
+        return int(self._order[pos]) * self.seq_len
+
+    def batch(self, first: int, n: int):
+        """Windows ``first .. first + n - 1``, shape (n, seq_len + 1)."""
+        return cut(self.tokens, [self.start(i) for i in range(first, first + n)], self.seq_len + 1)
+
+
+def heldout_windows(tokens: np.ndarray, seq_len: int, n: int):
+    """The first ``n`` non-overlapping ``seq_len + 1`` windows of the held-out split (None if it holds none):
+    the training loop's held-out loss."""
+    n = min(n, (len(tokens) - 1) // seq_len)
+    return cut(tokens, range(0, n * seq_len, seq_len), seq_len + 1) if n >= 1 else None
+
+
 def strided_windows(tokens: np.ndarray, seq_len: int, max_windows: int, stride: int | None = None):
-    """Held-out windows of ``seq_len`` tokens starting every ``stride`` (default: ``seq_len``) tokens."""
+    """Held-out windows of ``seq_len`` tokens starting every ``stride`` (default: ``seq_len``) tokens: evaluation."""
     stride = stride or seq_len
     if not 0 < stride <= seq_len:
         raise KVShareError(f"evaluate.stride={stride} must be between 1 and evaluate.seq_len={seq_len}")
@@ -110,7 +142,7 @@ def strided_windows(tokens: np.ndarray, seq_len: int, max_windows: int, stride: 
 
 
 def calibration_windows(data_dir: str | Path, n_tokens: int, seq_len: int, offset: int = 0):
-    """``n_tokens`` of the training split from ``offset`` on, as whole windows of ``seq_len``."""
+    """``n_tokens`` of the training split from ``offset`` on, as whole windows of ``seq_len``: the search's proxies."""
     tokens = load_tokens(data_dir, "train")[int(offset) :]
     n = min(int(n_tokens), len(tokens)) // int(seq_len)
     if n < 1:

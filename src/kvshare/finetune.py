@@ -46,22 +46,15 @@ def _teacher(path: str, device, bf16: bool, vocab_size: int):
 def run(cfg: DictConfig) -> dict:
     import torch
 
+    from kvshare import training
     from kvshare.checkpoint import load_model, save_model
     from kvshare.data import load_tokens
     from kvshare.devices import resolve_device
-    from kvshare.training import (
-        TrainSettings,
-        clear_checkpoints,
-        leave_distributed,
-        setup_distributed,
-        train,
-        trained_model,
-    )
 
     f = cfg.finetune
     spec = read_spec(f.checkpoint)
-    dist, device = setup_distributed(resolve_device(cfg.device))
-    s = TrainSettings.of_stage("finetune", f, device, cfg.seed)
+    dist, device = training.setup_distributed(resolve_device(cfg.device))
+    s = training.TrainSettings.of_stage("finetune", f, device, cfg.seed)
     train_tokens, val = load_tokens(f.data_dir, "train"), load_tokens(f.data_dir, "val")
     # float32 master weights; FSDP moves each rank's shards to its GPU, so the whole model need only fit the host.
     model, tok = load_model(f.checkpoint, "cpu" if s.parallel == "fsdp" else device, torch.float32)
@@ -71,16 +64,16 @@ def run(cfg: DictConfig) -> dict:
         mlrun.set_tags({"kvshare.input_runs": spec["runs"].get("convert", "")})
         t0 = time.perf_counter()
         inputs = {"checkpoint": str(f.checkpoint), "data_dir": str(f.data_dir), "teacher": f.distill.teacher}
-        result = train(model, train_tokens, val, s, device, dist, teacher, mlrun.log_metrics, inputs)
-        model = trained_model(model, dist)
+        result = training.train(model, train_tokens, val, s, device, dist, teacher, mlrun.log_metrics, inputs)
+        model = training.trained_model(model, dist)
         if dist.main:
             mlrun.log_metrics(result.summary(time.perf_counter() - t0))
             spec = {**spec, "runs": {**spec["runs"], "finetune": mlrun.run_id}, "finetune_tokens": result.tokens}
             # Trained in float32, stored as the checkpoint was: a bf16 7B model stays 14 GB, not 28.
             stored = read_config(f.checkpoint).get("dtype") or "float32"
             save_model(model.to(getattr(torch, stored)), tok, f.out, {SPEC: spec_text(spec)})
-            clear_checkpoints(s.resume_dir)
-    leave_distributed(dist)
+            training.clear_checkpoints(s.resume_dir)
+    training.leave_distributed(dist)
     return {"heldout_loss_before": result.heldout_loss_before, "heldout_loss_after": result.heldout_loss_after}
 
 

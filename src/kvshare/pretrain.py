@@ -121,17 +121,10 @@ def extra_files(plan: Plan, spec: dict, model_name: str, run_id: str, parameters
 def run(cfg: DictConfig) -> dict:
     import torch
 
+    from kvshare import training
     from kvshare.checkpoint import save_model
     from kvshare.devices import resolve_device
     from kvshare.merge import plain_kv_heads, to_plain
-    from kvshare.training import (
-        TrainSettings,
-        clear_checkpoints,
-        leave_distributed,
-        setup_distributed,
-        train,
-        trained_model,
-    )
 
     p, m = cfg.pretrain, cfg.model
     if m.source != "random" or any(k not in m for k in SIZE_KEYS):
@@ -141,8 +134,8 @@ def run(cfg: DictConfig) -> dict:
         )
     head_dim = int(m.get("head_dim") or m.hidden_size // m.num_attention_heads)
     plan = layout_plan(p.layout, m.num_hidden_layers, m.num_attention_heads, head_dim)
-    dist, device = setup_distributed(resolve_device(cfg.device))
-    s = TrainSettings.of_stage("pretrain", p, device, cfg.seed)
+    dist, device = training.setup_distributed(resolve_device(cfg.device))
+    s = training.TrainSettings.of_stage("pretrain", p, device, cfg.seed)
     tok, data_dir = tokens_and_tokenizer(cfg, Path(s.resume_dir), dist)
     train_tokens, val = load_tokens(data_dir, "train"), load_tokens(data_dir, "val")
     digest = hashlib.sha256(Path(data_dir, "train.bin").read_bytes()).hexdigest()
@@ -154,8 +147,8 @@ def run(cfg: DictConfig) -> dict:
     with stage_run(cfg, "pretrain", tags, enabled=dist.main) as mlrun:
         t0 = time.perf_counter()
         inputs = {"layout": plan.method, "size": {k: m[k] for k in SIZE_KEYS}, "train_tokens_sha256": digest}
-        result = train(model, train_tokens, val, s, device, dist, None, mlrun.log_metrics, inputs)
-        model = trained_model(model, dist)
+        result = training.train(model, train_tokens, val, s, device, dist, None, mlrun.log_metrics, inputs)
+        model = training.trained_model(model, dist)
         if dist.main:
             mlrun.log_metrics(result.summary(time.perf_counter() - t0))
             model = model.eval()
@@ -176,8 +169,8 @@ def run(cfg: DictConfig) -> dict:
             }
             parameters = sum(t.numel() for t in model.parameters())
             save_model(model, tok, p.out, extra_files(plan, spec, m.name, mlrun.run_id, parameters))
-            clear_checkpoints(s.resume_dir)
-    leave_distributed(dist)
+            training.clear_checkpoints(s.resume_dir)
+    training.leave_distributed(dist)
     return {
         "heldout_loss_before": result.heldout_loss_before,
         "heldout_loss_after": result.heldout_loss_after,
