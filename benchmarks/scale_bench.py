@@ -242,7 +242,7 @@ def finetune_run(work: Path, converted: Path, data: Path, checkpointing: bool, m
     runs = runs_frame(f"sqlite:///{work}/mlflow.db", experiment="scale")
     got = runs[runs["tags.mlflow.runName"] == f"finetune:{name}"].iloc[-1]
     keys = ("tokens_per_second_median", "mfu_median", "peak_memory_gib", "peak_flops")
-    return row | {k: float(got.get(f"metrics.{k}")) for k in keys}
+    return row | {k: got.get(f"metrics.{k}") for k in keys}
 
 
 def evaluate_run(work: Path, converted: Path, base: Path, data: Path, eval_data: str, limit: int, kl: str) -> dict:
@@ -316,7 +316,8 @@ def gpu_report(r: dict) -> str:
             else:
                 lines.append(f"| {f['activation_checkpointing']} | {f['micro_batch']} | "
                              f"{f['tokens_per_second_median']:,.0f} | {f['mfu_median']:.1%} | "
-                             f"{f['peak_memory_gib']:.1f} | {f['steps']} steps, peak {f['peak_flops']:.3g} FLOP/s |")  # fmt: skip
+                             f"{f['peak_memory_gib'] or float('nan'):.1f} | {f['steps']} steps, matmul rate "
+                             f"{f['peak_flops']:.3g} FLOP/s |")  # fmt: skip
         lines += ["", "Targets: ≥ 45% MFU counting only useful FLOPs, peak ≤ 120 GiB.", ""]
     for e in r.get("evaluate", []):
         lines.append(f"- evaluate (kl={e['kl']}): {e['scored_tokens']:,} scored tokens in {e['quality_seconds']:.1f} s "
