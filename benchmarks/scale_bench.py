@@ -240,7 +240,7 @@ def finetune_run(work: Path, converted: Path, data: Path, checkpointing: bool, m
     finally:
         subprocess.run(["rm", "-rf", str(work / name)], check=True)
     runs = runs_frame(f"sqlite:///{work}/mlflow.db", experiment="scale")
-    got = runs[runs["tags.mlflow.runName"] == f"finetune:{name}"].iloc[-1]
+    got = runs[runs["tags.mlflow.runName"] == f"finetune:{name}"].iloc[0]  # the newest
     keys = ("tokens_per_second_median", "mfu_median", "peak_memory_gib", "peak_flops")
     return row | {k: got.get(f"metrics.{k}") for k in keys}
 

@@ -112,8 +112,11 @@ class SharedKVAttention(nn.Module):
             self._q_to_kv, self._slots, self._unslots = list(q_to_kv), slots, [slots.index(h) for h in range(heads)]
         # "pad" (the default, above) or "gather": copy each query head's K/V head before attention (slower; a reference).
         self.kv_layout = "pad"
-        # Not buffers: from_pretrained builds modules on the meta device and would leave them unset.
-        self._index = {}
+        # Index tensors made here, on the CPU, and remade wherever the module moves (_apply), so that no forward
+        # creates one: a compiled graph that made its own would differ from the one that reads it, and a
+        # recomputed checkpointed layer would save other tensors than its forward did. Not buffers:
+        # from_pretrained builds modules on the meta device and would leave those unset.
+        self._index = self._make_indices("cpu")
         self.q_proj = nn.Linear(hidden, heads * self.head_dim, bias=bias)
         if self.kv_layer == layer_idx:
             self.k_proj = nn.Linear(hidden, self.n_kv * self.head_dim, bias=bias)
@@ -172,6 +175,17 @@ class SharedKVAttention(nn.Module):
             out = out.index_select(2, unslots)
             weights = None if weights is None else weights.index_select(1, unslots)
         return self.o_proj(out.reshape(*input_shape, -1).contiguous()), weights
+
+    def _make_indices(self, device) -> dict[str, torch.Tensor]:
+        if self._slots is None:
+            return {}
+        lists = {"gather": self._q_to_kv, "slots": self._slots, "unslots": self._unslots}
+        return {name: torch.tensor(values, device=device) for name, values in lists.items()}
+
+    def _apply(self, fn, recurse=True):
+        # to(), cuda(), to_empty(), ...: the indices follow to the device the function sends tensors to.
+        self._index = self._make_indices(fn(torch.zeros(0, dtype=torch.long)).device)
+        return super()._apply(fn, recurse)
 
     def _indices(self, name: str, values: list[int], device) -> torch.Tensor:
         index = self._index.get(name)

@@ -220,10 +220,18 @@ def _compile(model, sharded: bool = False) -> None:
         # graph would break at every layer and fall back to eager, compiling layer by layer anyway.
         model.model.compile()
     else:
-        # Regional: all layers share one compiled graph, so compiling takes seconds; it also ran
+        # Regional: layers of one shape share one compiled graph, so compiling takes seconds; it also ran
         # faster than compiling the decoder whole (benchmarks/results/finetune_bench.md).
         for layer in model.model.layers:
             layer.compile()
+        # Layers whose groupings differ (QCQA-AC) each need a graph of their own, and under activation
+        # checkpointing a second one for the recompute; beyond dynamo's recompile limit (8) the rest would run
+        # eagerly, and a layer recomputed eagerly after a compiled forward fails the checkpoint's checks.
+        import torch._dynamo.config
+
+        shapes = {repr(vars(layer.self_attn).get("_slots")) + repr(vars(layer.self_attn).get("n_kv"))
+                  for layer in model.model.layers}  # fmt: skip
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 2 * len(shapes) + 8)
 
 
 def _resume(run: _Run, fp: dict) -> tuple[int, int, dict]:
