@@ -179,9 +179,6 @@ def convert_model(base, plan: Plan, permute: bool = True, export: bool = False):
     """The converted model in memory (the base model's dtype), for tests and benchmarks: a ``kvshare_llama`` model,
     or with ``export`` what the convert stage writes (the source's architecture for plain GQA layouts)."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    import kvshare.modeling  # noqa: F401  (registers kvshare_llama)
 
     shape = ModelShape.of(base.config)
     if shape != plan.shape:
@@ -190,19 +187,27 @@ def convert_model(base, plan: Plan, permute: bool = True, export: bool = False):
     source = base.config.to_dict()
     maps = query_maps(plan, permute)
     config = converted_config(source, plan, maps) if export else kvshare_config(source, maps, list(plan.kv_layer))
-    config.pop("dtype", None)
-    kind = config.pop("model_type")
-    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(kind, **config)).to(next(base.parameters()).dtype)
+    model = _build(config, next(base.parameters()).dtype)
     with torch.no_grad():
         model.load_state_dict(dict(convert_tensors(plan, list(state), state.get, permute)), strict=True)
     return model.eval()
+
+
+def _build(config: dict, dtype):
+    """A model of ``config`` built in ``dtype``: no float32 copy of a large model, and the rotary frequencies
+    kept as computed (a cast after building would round them as it rounds the weights)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    import kvshare.modeling  # noqa: F401  (registers kvshare_llama)
+
+    config = {k: v for k, v in config.items() if k != "dtype"}
+    return AutoModelForCausalLM.from_config(AutoConfig.for_model(config.pop("model_type"), **config), dtype=dtype)
 
 
 def to_plain(model):
     """A ``kvshare_llama`` model whose layout is plain GQA as the equivalent model of its source's architecture
     (pretraining trains every layout as kvshare_llama and exports MHA, GQA and MQA this way)."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
 
     c = model.config
     n_kv = plain_kv_heads(c.q_to_kv, c.kv_layer)
@@ -210,10 +215,7 @@ def to_plain(model):
         raise KVShareError(
             "the model has unequal groups, differing counts or cross-layer sharing: it stays kvshare_llama"
         )
-    config = plain_config(c.to_dict(), n_kv)
-    config.pop("dtype", None)
-    plain = AutoModelForCausalLM.from_config(AutoConfig.for_model(config.pop("model_type"), **config))
-    plain = plain.to(next(model.parameters()).dtype)
+    plain = _build(plain_config(c.to_dict(), n_kv), next(model.parameters()).dtype)
     with torch.no_grad():
         plain.load_state_dict(model.state_dict(), strict=True)
     plain.generation_config = model.generation_config
