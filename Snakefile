@@ -10,6 +10,7 @@ Hydra default in conf/, overridable per stage with ``--config hydra='...'``.
 """
 
 import os
+import shlex
 import sys
 import time
 import uuid
@@ -22,7 +23,8 @@ min_version("9.0")
 # This workflow's own sources, for the Snakefile and for every job it starts.
 SOURCES = str(Path(workflow.basedir) / "src")
 sys.path.insert(0, SOURCES)
-os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (SOURCES, os.environ.get("PYTHONPATH")) if p)
+# Snakemake's own prefix (bash's strict mode) kept, this checkout's sources first on the path of every job.
+shell.prefix(f"set -euo pipefail; export PYTHONPATH={shlex.quote(SOURCES)}${{{{PYTHONPATH:+:$PYTHONPATH}}}}; ")
 
 
 # The smoke grid unless a grid is given (--configfile, or a profile's configfile): Snakemake merges
@@ -43,6 +45,16 @@ os.environ.setdefault("KVSHARE_INVOCATION", time.strftime("%Y%m%dT%H%M%S-") + uu
 
 
 include: "workflow/rules/common.smk"
+
+
+wildcard_constraints:
+    model="[A-Za-z0-9_.-]+",
+    method=methods.METHOD_PATTERN,
+    budget="[0-9.]+",
+    variant="converted|finetuned",
+    layout=methods.LAYOUT_PATTERN,
+
+
 include: "workflow/rules/prepare.smk"
 include: "workflow/rules/pretrain.smk"
 include: "workflow/rules/search.smk"

@@ -12,6 +12,7 @@ RESULTS = f"results/{STUDY}"
 LOGS = f"logs/{STUDY}"
 DATA = config["data"]
 SCALE = config["scale"]
+GROUPS = {"scale": SCALE, "data": DATA}  # config groups the grid chooses for every stage that composes them
 # Jobs run `python`: the interpreter running Snakemake, or a conda env's with --software-deployment-method conda.
 os.environ.update(PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
 MLFLOW_URI = os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db")
@@ -30,7 +31,7 @@ GRID = [
     for budget in budgets
 ]
 
-# Every file a rule reads or writes, by pattern: the one place paths are spelt.
+# Every file read or written by a job, by pattern: the one place paths are spelt.
 PATHS = {
     "model": "resources/models/{model}",
     "tokens": "resources/data/{model}/{data}",
@@ -48,13 +49,6 @@ PARETO = [
     for name in ("pareto.csv", "pareto.md", "comparisons.md", "pareto_perplexity.png", "pareto_accuracy.png")
 ]
 
-
-wildcard_constraints:
-    model="[A-Za-z0-9_.-]+",
-    method=methods.METHOD_PATTERN,
-    budget="[0-9.]+",
-    variant="converted|finetuned",
-    layout=methods.LAYOUT_PATTERN,
 
 
 def path(key, **fixed):
@@ -75,9 +69,12 @@ def extra(stage):
     return config.get("hydra", {}).get(stage, "")
 
 
-def hydra(stage, run_name):
-    """Common Hydra overrides: study, run name, logs folder, and the extra ones."""
-    return f"study={STUDY} name={run_name} hydra.run.dir={LOGS}/hydra/{stage}/{run_name.replace(os.sep, '_')} {extra(stage)}"
+def hydra(stage, run_name, *groups):
+    """Common Hydra overrides: study, run name, logs folder, the grid's choice of each config group named
+    (scale, data), and the extra ones."""
+    chosen = " ".join(f"{group}={GROUPS[group]}" for group in groups)
+    folder = f"{LOGS}/hydra/{stage}/{run_name.replace(os.sep, '_')}"
+    return f"study={STUDY} name={run_name} hydra.run.dir={folder} {chosen} {extra(stage)}"
 
 
 @cache

@@ -10,6 +10,7 @@ rule convert:
         hydra=lambda wc: hydra("convert", f"{wc.model}/{wc.method}/{wc.budget}"),
     conda:
         "../../environment.yml"
+    priority: 2  # see search
     log:
         path("log", rule="convert", name="{model}_{method}_{budget}"),
     shell:

@@ -1,5 +1,5 @@
 EVALUATE = (
-    "python -m kvshare.evaluate {params.hydra} scale={SCALE} evaluate.checkpoint={input.checkpoint} "
+    "python -m kvshare.evaluate {params.hydra} evaluate.checkpoint={input.checkpoint} "
     "evaluate.base_dir={input.base} evaluate.data_dir={input.data} evaluate.eval_data_dir={input.eval_data} "
     "evaluate.variant={params.variant} evaluate.out={output} > {log} 2>&1"
 )
@@ -16,7 +16,7 @@ rule evaluate:
     output:
         path("metrics"),
     params:
-        hydra=lambda wc: hydra("evaluate", f"{wc.model}/{wc.method}/{wc.budget}/{wc.variant}"),
+        hydra=lambda wc: hydra("evaluate", f"{wc.model}/{wc.method}/{wc.budget}/{wc.variant}", "scale"),
         variant=lambda wc: wc.variant,
     conda:
         "../../environment.yml"
@@ -39,7 +39,7 @@ rule evaluate_pretrained:
     output:
         path("metrics_pretrained"),
     params:
-        hydra=lambda wc: hydra("evaluate", f"{wc.model}/{wc.layout}/pretrained"),
+        hydra=lambda wc: hydra("evaluate", f"{wc.model}/{wc.layout}/pretrained", "scale"),
         variant="pretrained",
     conda:
         "../../environment.yml"

@@ -7,9 +7,12 @@ rule finetune:
     output:
         directory(path("checkpoint", variant="finetuned")),
     params:
-        hydra=lambda wc: hydra("finetune", f"{wc.model}/{wc.method}/{wc.budget}"),
+        hydra=lambda wc: hydra("finetune", f"{wc.model}/{wc.method}/{wc.budget}", "scale"),
     conda:
         "../../environment.yml"
+    # Before evaluations of converted checkpoints, which are shorter: longest jobs first leaves short ones to
+    # fill the last slots, where a long one started late would leave the other slots idle at the end.
+    priority: 1
     log:
         path("log", rule="finetune", name="{model}_{method}_{budget}"),
     benchmark:
@@ -17,5 +20,5 @@ rule finetune:
     resources:
         gpu=1,
     shell:
-        "python -m kvshare.finetune {params.hydra} scale={SCALE} finetune.checkpoint={input.checkpoint} "
+        "python -m kvshare.finetune {params.hydra} finetune.checkpoint={input.checkpoint} "
         "finetune.data_dir={input.data} finetune.out={output} > {log} 2>&1"

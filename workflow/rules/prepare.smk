@@ -6,13 +6,13 @@ rule prepare_model:
     output:
         directory(path("model")),
     params:
-        hydra=lambda wc: hydra("prepare", wc.model),
+        hydra=lambda wc: hydra("prepare", wc.model, "data"),
     conda:
         "../../environment.yml"
     log:
         path("log", rule="prepare_model", name="{model}"),
     shell:
-        "python -m kvshare.prepare {params.hydra} model={wildcards.model} data={DATA} prepare.out={output} > {log} 2>&1"
+        "python -m kvshare.prepare {params.hydra} model={wildcards.model} prepare.out={output} > {log} 2>&1"
 
 
 rule tokenize:

@@ -7,7 +7,7 @@ rule pretrain:
     output:
         directory(path("pretrained")),
     params:
-        hydra=lambda wc: hydra("pretrain", f"{wc.model}/{wc.layout}"),
+        hydra=lambda wc: hydra("pretrain", f"{wc.model}/{wc.layout}", "data", "scale"),
     conda:
         "../../environment.yml"
     log:
@@ -17,6 +17,6 @@ rule pretrain:
     resources:
         gpu=1,
     shell:
-        "python -m kvshare.pretrain {params.hydra} model={wildcards.model} data={DATA} scale={SCALE} "
+        "python -m kvshare.pretrain {params.hydra} model={wildcards.model} "
         "pretrain.layout={wildcards.layout} pretrain.tokenizer={input.tokenizer} pretrain.data_dir={input.data} "
         "pretrain.out={output} > {log} 2>&1"
