@@ -313,9 +313,20 @@ class KVShareLlamaForCausalLM(LlamaForCausalLM):
             if not keep:
                 out.past_key_values = None
             return out
-        if _starts_fresh(past_key_values, kwargs.get("attention_mask"), input_ids, kwargs.get("inputs_embeds")):
+        x = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
+        if FROM_START not in kwargs and _starts_fresh(past_key_values, kwargs.get("attention_mask"), x):
             kwargs[FROM_START] = True
         return super().forward(input_ids=input_ids, past_key_values=past_key_values, use_cache=use_cache, **kwargs)
+
+    def prepare_inputs_for_generation(self, input_ids, past_key_values=None, attention_mask=None, **kwargs):
+        # generate() turns the 2D mask into a 4D one for a static cache; whether it pads anything is seen here.
+        inputs = super().prepare_inputs_for_generation(
+            input_ids, past_key_values=past_key_values, attention_mask=attention_mask, **kwargs
+        )
+        x = inputs.get("input_ids") if inputs.get("input_ids") is not None else inputs.get("inputs_embeds")
+        if _starts_fresh(past_key_values, attention_mask, x):
+            inputs[FROM_START] = True
+        return inputs
 
     def get_compiled_call(self, compile_config):
         """generate()'s compiled forward (decode steps), with the static cache's bookkeeping done before each call,
@@ -332,10 +343,10 @@ class KVShareLlamaForCausalLM(LlamaForCausalLM):
         return call
 
 
-def _starts_fresh(cache, attention_mask, input_ids, inputs_embeds) -> bool:
-    """Whether a multi-token input goes into an empty static cache without padding (checked eagerly: one
-    sync per prefill), so its attention needs no mask. Other caches show it by having no mask."""
-    x = input_ids if input_ids is not None else inputs_embeds
+def _starts_fresh(cache, attention_mask, x) -> bool:
+    """Whether a multi-token input ``x`` goes into an empty static cache without padding (a 2D mask of ones or
+    none; checked eagerly: one sync per prefill), so its attention needs no mask. Other caches show it by
+    having no mask."""
     if torch.compiler.is_compiling() or x is None or x.shape[1] < 2 or not isinstance(cache, KVShareStaticCache):
         return False
     if cache.length != 0:

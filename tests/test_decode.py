@@ -1,0 +1,116 @@
+"""The fast decode path (compiled step, static cache, sdpa fast paths) computes what the reference path does."""
+
+import pytest
+import torch
+import torch._dynamo
+
+import kvshare.modeling as modeling
+from kvshare.decode import compile_for_decode, floor_seconds, kv_bytes_per_token, static_cache
+from kvshare.merge import convert_model
+from kvshare.plan import ModelShape
+from tests.builders import tiny_llama
+from tests.test_modeling import greedy, plans, tokens
+
+METHODS = ["gqa", "qcqa-ac", "qcqa-ec", "cla2", "mqa", "qcqa-ac+cla2"]
+
+
+@pytest.fixture(scope="module")
+def base():
+    return tiny_llama(heads=8, kv_heads=4, layers=4)
+
+
+def reference(base, plan):
+    """The converted model on the generic path: eager attention, K/V gathered per query head."""
+    model = convert_model(base, plan)
+    model.config._attn_implementation = "eager"
+    for layer in model.model.layers:
+        layer.self_attn.kv_layout = "gather"
+    return model
+
+
+def no_generic_attention(monkeypatch):
+    def fail(*args, **kwargs):
+        raise AssertionError("the generic attention path ran")
+
+    monkeypatch.setattr(modeling.SharedKVAttention, "_attend", fail)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@torch.no_grad()
+def test_compiled_decode_equals_reference(base, method, monkeypatch):
+    plan = plans(ModelShape.of(base.config))[method]
+    ref = reference(base, plan)
+    x, new = tokens(batch=2, length=7), 6
+    expected, expected_full = greedy(ref, x, new), ref(x).logits
+    model = compile_for_decode(convert_model(base, plan), backend="eager", mode=None, all_devices=True)
+    no_generic_attention(monkeypatch)  # from here on, only the fast paths may run
+    # Prefill without a cache: causal attention, one sdpa per group size.
+    assert (model(x).logits - expected_full).abs().max() <= 1e-5
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    cache = static_cache(model, batch_size=2, max_cache_len=x.shape[1] + new - 1)
+    with torch._dynamo.config.patch(error_on_recompile=True):  # one graph for every decode step
+        out = greedy(model, x, new, past_key_values=cache)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    assert torch.equal(out.sequences, expected.sequences)
+    for a, b in zip(out.logits, expected.logits, strict=True):
+        assert (a - b).abs().max() <= 1e-5
+    cached = x.shape[1] + new - 1
+    assert cache.length == cached
+    assert modeling.cache_bytes(cache) == 2 * cached * plan.kv_bytes_per_token(dtype_bytes=4)
+
+
+@torch.no_grad()
+def test_compiled_decode_still_names_a_full_cache(base):
+    model = compile_for_decode(
+        convert_model(base, plans(ModelShape.of(base.config))["qcqa-ac+cla2"]), "eager", None, True
+    )
+    torch._dynamo.reset()
+    x = tokens(batch=2, length=7)
+    cache = static_cache(model, batch_size=2, max_cache_len=9)
+    with pytest.raises(ValueError, match=r"max_cache_len=9 .* needs 10"):
+        greedy(model, x, 4, past_key_values=cache)
+
+
+@torch.no_grad()
+def test_prefill_computes_no_padded_query_head(base, monkeypatch):
+    """Unequal groups: one sdpa per distinct group size, on exactly the layer's query heads."""
+    plan = plans(ModelShape.of(base.config))["qcqa-ac"]
+    model = convert_model(base, plan)
+    calls, real = [], torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, **kwargs):
+        calls.append((q.shape[1], k.shape[1], kwargs.get("enable_gqa", False)))
+        return real(q, k, v, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    no_generic_attention(monkeypatch)
+    x = tokens(batch=2, length=7)
+    model(x, past_key_values=static_cache(model, batch_size=2, max_cache_len=7))
+    for i in range(4):
+        maps = model.config.q_to_kv[i]
+        sizes = sorted({maps.count(g) for g in range(max(maps) + 1)})
+        layer_calls, calls = calls[: len(sizes)], calls[len(sizes) :]
+        assert [q // kv for q, kv, _ in layer_calls] == sizes
+        assert sum(q for q, _, _ in layer_calls) == 8 and sum(kv for _, kv, _ in layer_calls) == max(maps) + 1
+    assert not calls
+
+
+@torch.no_grad()
+def test_plain_export_decodes_compiled_with_transformers_static_cache(base):
+    plan = plans(ModelShape.of(base.config))["gqa"]
+    plain = convert_model(base, plan, export=True)
+    x, new = tokens(batch=2, length=7), 5
+    expected = greedy(plain, x, new)
+    compile_for_decode(plain, backend="eager", mode=None, all_devices=True)
+    torch._dynamo.reset()
+    out = greedy(plain, x, new, past_key_values=static_cache(plain, 2, x.shape[1] + new))
+    assert torch.equal(out.sequences, expected.sequences)
+
+
+def test_floor_counts_weights_and_the_cache_they_read(base):
+    plan = plans(ModelShape.of(base.config))["qcqa-ac+cla2"]
+    model = convert_model(base, plan)
+    assert kv_bytes_per_token(model.config, 2) == plan.kv_bytes_per_token(2)
+    assert kv_bytes_per_token(base.config, 2) == 2 * 4 * 4 * 8 * 2
+    assert floor_seconds(100, 10, batch=2, context=5, bandwidth=10.0) == 20.0
