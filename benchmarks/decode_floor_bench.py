@@ -135,7 +135,11 @@ def build_models(shape_name, dims, variants, device, dtype, args) -> dict:
             else:
                 model = convert_model(base, plans[v])
         model.generation_config.eos_token_id = None
-        backend = dict(backend="eager", mode=None, all_devices=True) if args.smoke else dict(backend=args.backend)
+        # Modes are inductor's ("reduce-overhead": CUDA graphs); the "cudagraphs" backend graphs without inductor.
+        mode = "reduce-overhead" if args.backend == "inductor" else None
+        backend = (
+            dict(backend="eager", mode=None, all_devices=True) if args.smoke else dict(backend=args.backend, mode=mode)
+        )
         models[v] = compile_for_decode(model.to(device), **backend)
         models[v].kvshare_plan = plans["gqa" if v == "hf-static" else v]
     del base
@@ -351,8 +355,34 @@ def summary(rec: dict) -> str:
             f"{rec['tok_s']:.0f} tok/s, warm-up {rec['warmup_s']:.0f} s")  # fmt: skip
 
 
+HEAD = ["shape", "variant", "phase", "batch", "KV heads", "KV B/token", "step ms", "floor ms", "of floor", "tok/s",
+        "× gqa", "× gqa by floor", "warm-up s", "cache exact", "cmd"]  # fmt: skip
+
+
+def table_row(r: dict, base: dict | None, cmd: int) -> str:
+    """One cell; ``base``: gqa's cell to compare with (same shape, phase and batch; max: gqa's largest batch)."""
+    row = [r["shape"], r["variant"], r["phase"], str(r.get("batch"))] + [""] * (len(HEAD) - 5) + [f"[{cmd}]"]
+    if "error" in r:
+        row[4] = f"miss: {r['error']}"
+        return "| " + " | ".join(row) + " |"
+    row[9] = f"{r['tok_s']:.0f}"
+    if base:
+        row[10] = f"{r['tok_s'] / base['tok_s']:.3f}"
+    if r["phase"] == "prefill":  # batch × prompt tokens; "step ms" holds the prefill's time
+        row[2], row[6] = f"prefill ×{r['prompt']}", f"{1e3 * r['prefill_s']:.1f}"
+        return "| " + " | ".join(row) + " |"
+    row[4:9] = [str(r["stored_kv_heads"]), str(r["kv_bytes_per_token"]), f"{r['step_ms']:.4g}", f"{r['floor_ms']:.4g}",
+                f"{r['fraction_of_floor']:.2f}"]  # fmt: skip
+    if base:  # what the floor predicts: floor tokens/s over gqa's
+        row[11] = f"{(r['batch'] / r['floor_ms']) / (base['batch'] / base['floor_ms']):.3f}"
+    row[12:14] = [f"{r['warmup_s']:.0f}", str(r["cache_bytes_exact"])]
+    return "| " + " | ".join(row) + " |"
+
+
 def report(data: dict) -> str:
-    cells = sorted(data["cells"].values(), key=lambda r: (r["shape"], r["phase"], str(r.get("batch")), r["variant"]))
+    phases, names = ("decode", "max", "prefill"), list(VARIANTS)
+    cells = sorted(data["cells"].values(), key=lambda r: (r["shape"], phases.index(r["phase"]), r.get("batch") or 0,
+                                                          names.index(r["variant"])))  # fmt: skip
     commands = sorted({r["command"] for r in cells})
     lines = ["# Decode at the memory-bandwidth bound (issue 15)", "", "Machines:", ""]
     for name, env in data["machines"].items():
@@ -363,32 +393,16 @@ def report(data: dict) -> str:
               "prompt + new / 2. Decode: greedy generate() from a static cache holding prompt − 1 tokens, the decode "
               "step compiled (kvshare.decode.compile_for_decode), median over reps (variants alternating) of each "
               "run's median step. × gqa: tokens/s over gqa's in the same shape, phase and batch (max: each at its "
-              "own largest batch). Random bf16 weights: speed depends on shapes only.", ""]  # fmt: skip
-    head = ["shape", "variant", "phase", "batch", "KV heads", "KV B/token", "step ms", "floor ms", "of floor", "tok/s"]
-    head += ["× gqa", "warm-up s", "cache exact", "cmd"]
-    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    tok = {(r["shape"], r["variant"], r["phase"], r.get("batch")): r.get("tok_s") for r in cells}
-    gqa_max = {r["shape"]: r.get("tok_s") for r in cells if r["variant"] == "gqa" and r["phase"] == "max"}
+              "own largest batch); × gqa by floor: the same ratio of floor tokens/s. Prefill: batch × prompt tokens "
+              "into an empty static cache, eager. Random bf16 weights: speed depends on shapes only.", ""]  # fmt: skip
+    lines += ["| " + " | ".join(HEAD) + " |", "|" + "---|" * len(HEAD)]
+    gqa = {(r["shape"], r["phase"], r.get("batch")): r for r in cells if r["variant"] == "gqa" and "error" not in r}
+    gqa_max = {shape: r for (shape, phase, _), r in gqa.items() if phase == "max"}
     for r in cells:
-        row = [r["shape"], r["variant"], r["phase"], str(r.get("batch"))] + [""] * (len(head) - 5)
-        row.append(f"[{commands.index(r['command']) + 1}]")
-        if "error" in r:
-            row[4] = f"miss: {r['error']}"
-            lines.append("| " + " | ".join(row) + " |")
-            continue
-        base = (
-            gqa_max.get(r["shape"]) if r["phase"] == "max" else tok.get((r["shape"], "gqa", r["phase"], r.get("batch")))
-        )
-        row[9], row[10] = f"{r['tok_s']:.0f}", f"{r['tok_s'] / base:.3f}" if base else ""
-        if r["phase"] == "prefill":  # batch × prompt tokens; "step ms" holds the prefill's time
-            row[2], row[6] = f"prefill ×{r['prompt']}", f"{1e3 * r['prefill_s']:.1f}"
-        else:
-            row[4:9] = [str(r["stored_kv_heads"]), str(r["kv_bytes_per_token"]), f"{r['step_ms']:.4g}",
-                        f"{r['floor_ms']:.4g}", f"{r['fraction_of_floor']:.2f}"]  # fmt: skip
-            row[11:13] = [f"{r['warmup_s']:.0f}", str(r["cache_bytes_exact"])]
-        lines.append("| " + " | ".join(row) + " |")
+        base = gqa_max.get(r["shape"]) if r["phase"] == "max" else gqa.get((r["shape"], r["phase"], r.get("batch")))
+        lines.append(table_row(r, base, commands.index(r["command"]) + 1))
     lines += ["", "Commands (PYTHONPATH=src, from the repository root):", ""]
-    lines += [f"{i + 1}. `{c}`" for i, c in enumerate(commands)]
+    lines += [f"{i + 1}. `python {c}`" for i, c in enumerate(commands)]
     return "\n".join(lines) + "\n"
 
 
@@ -406,7 +420,12 @@ def main() -> None:
     ap.add_argument("--mem-gib", type=float, default=100.0, help="memory the max phase fills (weights, cache, work)")
     ap.add_argument("--reserve-gib", type=float, default=4.0, help="kept free of cache in the max phase")
     ap.add_argument("--max-batch", type=int, help="the max phase's batch, instead of the one computed")
-    ap.add_argument("--backend", default="inductor", help="torch.compile backend of the decode step")
+    ap.add_argument(
+        "--backend",
+        default="inductor",
+        help="torch.compile backend of the decode step (inductor with "
+        "reduce-overhead; cudagraphs: CUDA graphs of the traced step without inductor, faster to compile)",
+    )
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU, every phase, in well under a minute")
     ap.add_argument("--report", action="store_true", help="only rewrite the markdown from <out>/decode_floor.json")
