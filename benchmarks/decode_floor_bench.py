@@ -66,7 +66,7 @@ BANDWIDTH = 4.3e12  # H200 HBM3e, bytes/s
 LLAMA2_7B = dict(num_hidden_layers=32, hidden_size=4096, intermediate_size=11008, num_attention_heads=32,
                  num_key_value_heads=32, head_dim=128, vocab_size=32000)  # fmt: skip
 SHAPES = {"llama2-7b": LLAMA2_7B, **db.SHAPES}
-SMOKE_SHAPES = {"llama2-7b": dict(LLAMA2_7B, num_hidden_layers=4, hidden_size=64, intermediate_size=128,
+SMOKE_SHAPES = {"llama2-7b": dict(LLAMA2_7B, num_hidden_layers=2, hidden_size=64, intermediate_size=128,
                                   num_attention_heads=8, num_key_value_heads=8, head_dim=8, vocab_size=512),
                 **db.SMOKE_SHAPES}  # fmt: skip
 VARIANTS = ("gqa", "qcqa-ac", "qcqa-ec", "cla2", "mqa", "hf-static")
