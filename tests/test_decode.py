@@ -1,5 +1,8 @@
 """The fast decode path (compiled step, static cache, sdpa fast paths) computes what the reference path does."""
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch._dynamo
@@ -114,3 +117,17 @@ def test_floor_counts_weights_and_the_cache_they_read(base):
     assert kv_bytes_per_token(model.config, 2) == plan.kv_bytes_per_token(2)
     assert kv_bytes_per_token(base.config, 2) == 2 * 4 * 4 * 8 * 2
     assert floor_seconds(100, 10, batch=2, context=5, bandwidth=10.0) == 20.0
+
+
+def test_bench_variants_of_the_7b_shape_store_matched_kv():
+    """decode_floor_bench: gqa, qcqa-ac, qcqa-ec and cla2 keep half the KV heads; qcqa-ac's groups are unequal."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import decode_floor_bench as bench
+
+    shape = ModelShape(32, 32, 32, 128)
+    plans = bench.half_kv_plans(shape)
+    assert {v: plans[v].stored_kv_heads for v in plans} == {"gqa": 512, "qcqa-ac": 512, "qcqa-ec": 512, "cla2": 512,
+                                                            "mqa": 32}  # fmt: skip
+    ac = plans["qcqa-ac"]
+    assert all(len({ac.groups[i].count(g) for g in range(16)}) > 1 for i in range(32))
+    assert len({ac.groups[i] for i in range(32)}) == 32

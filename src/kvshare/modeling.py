@@ -105,7 +105,7 @@ def _size_buckets(q_to_kv: list[int]) -> list[tuple[int, list[int] | None, list[
     return out
 
 
-def _bucket_indices(buckets, n_kv: int) -> dict[str, list[int]]:
+def _bucket_indices(buckets) -> dict[str, list[int]]:
     """Index lists of the buckets' query and KV heads, and "unorder", which puts the buckets' outputs back in
     query-head order."""
     out: dict[str, list[int]] = {}
@@ -150,6 +150,7 @@ class SharedKVAttention(nn.Module):
         # "pad" (the default, above) or "gather": copy each query head's K/V head before attention (slower; a reference).
         self.kv_layout = "pad"
         self._buckets = _size_buckets(q_to_kv)
+        self._unorder = _bucket_indices(self._buckets).get("unorder")
         # Index tensors made here, on the CPU, and remade wherever the module moves (_apply), so that no forward
         # creates one: a compiled graph that made its own would differ from the one that reads it, and a
         # recomputed checkpointed layer would save other tensors than its forward did. Not buffers:
@@ -215,18 +216,20 @@ class SharedKVAttention(nn.Module):
         the KV heads with that many members, so no padded head is computed."""
         outs = []
         for i, (size, kv_heads, q_heads) in enumerate(self._buckets):
-            q = query if q_heads is None else query.index_select(1, self._index[f"q{i}"])
-            k, v = (
-                (key, value) if kv_heads is None else (t.index_select(1, self._index[f"kv{i}"]) for t in (key, value))
-            )
+            q = query if q_heads is None else query.index_select(1, self._indices(f"q{i}", q_heads, query.device))
+            if kv_heads is None:
+                k, v = key, value
+            else:
+                index = self._indices(f"kv{i}", kv_heads, key.device)
+                k, v = key.index_select(1, index), value.index_select(1, index)
             outs.append(
                 F.scaled_dot_product_attention(
                     q, k, v, dropout_p=self._dropout(), is_causal=True, scale=self.scaling, enable_gqa=size > 1
                 )
             )
         out = outs[0] if len(outs) == 1 else torch.cat(outs, 1)
-        if "unorder" in self._index:
-            out = out.index_select(1, self._index["unorder"])
+        if self._unorder is not None:
+            out = out.index_select(1, self._indices("unorder", self._unorder, out.device))
         return out.transpose(1, 2)
 
     def _attend(self, query, key, value, attention_mask, impl, kwargs):
@@ -268,7 +271,7 @@ class SharedKVAttention(nn.Module):
 
     def _make_indices(self, device) -> dict[str, torch.Tensor]:
         lists = {} if self._slots is None else {"gather": self._q_to_kv, "slots": self._slots, "unslots": self._unslots}
-        lists |= _bucket_indices(self._buckets, self.n_kv)
+        lists |= _bucket_indices(self._buckets)
         index = {name: torch.tensor(values, device=device) for name, values in lists.items()}
         if not torch.compiler.is_compiling():
             for t in index.values():  # fixed addresses: a CUDA graph reads them in place instead of copying them in
