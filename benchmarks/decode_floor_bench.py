@@ -140,7 +140,7 @@ def build_models(shape_name, dims, variants, device, dtype, args) -> dict:
         backend = (
             dict(backend="eager", mode=None, all_devices=True) if args.smoke else dict(backend=args.backend, mode=mode)
         )
-        models[v] = compile_for_decode(model.to(device), **backend)
+        models[v] = compile_for_decode(model.to(device), attention=args.decode_attention, **backend)
         models[v].kvshare_plan = plans["gqa" if v == "hf-static" else v]
     del base
     free(device)
@@ -322,8 +322,11 @@ def run_piece(args, device, dtype, data, out) -> None:
         variants = [v for v in (args.variants or ",".join(VARIANTS)).split(",") if v]
 
         def record(variant, phase, batch, rec, shape=shape):
+            if args.decode_attention != "sdpa" and variant != "hf-static" and phase != "prefill":
+                variant = f"{variant} ({args.decode_attention})"  # a cell of its own
             rec |= dict(shape=shape, variant=variant, phase=phase, machine=env_id, command=env["argv"])
             rec |= dict(prompt=args.prompt, new=args.new, reps=args.reps, backend=args.backend, dtype=str(dtype))
+            rec["decode_attention"] = args.decode_attention
             rec["when"] = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
             data["cells"][cell_key(shape, variant, phase, batch)] = rec
             save(data, out)
@@ -382,7 +385,7 @@ def table_row(r: dict, base: dict | None, cmd: int) -> str:
 def report(data: dict) -> str:
     phases, names = ("decode", "max", "prefill"), list(VARIANTS)
     cells = sorted(data["cells"].values(), key=lambda r: (r["shape"], phases.index(r["phase"]), r.get("batch") or 0,
-                                                          names.index(r["variant"])))  # fmt: skip
+                                                          names.index(r["variant"].split()[0]), r["variant"]))  # fmt: skip
     commands = sorted({r["command"] for r in cells})
     lines = ["# Decode at the memory-bandwidth bound (issue 15)", "", "Machines:", ""]
     for name, env in data["machines"].items():
@@ -426,6 +429,8 @@ def main() -> None:
         help="torch.compile backend of the decode step (inductor with "
         "reduce-overhead; cudagraphs: CUDA graphs of the traced step without inductor, faster to compile)",
     )
+    ap.add_argument("--decode-attention", choices=["sdpa", "matmul"], default="sdpa",
+                    help="kvshare models' decode attention (kvshare.decode.compile_for_decode's attention)")  # fmt: skip
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU, every phase, in well under a minute")
     ap.add_argument("--report", action="store_true", help="only rewrite the markdown from <out>/decode_floor.json")

@@ -38,14 +38,16 @@ def no_generic_attention(monkeypatch):
     monkeypatch.setattr(modeling.SharedKVAttention, "_attend", fail)
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize(
+    ("method", "attention"), [(m, "sdpa") for m in METHODS] + [("qcqa-ac", "matmul"), ("mqa", "matmul")]
+)
 @torch.no_grad()
-def test_compiled_decode_equals_reference(base, method, monkeypatch):
+def test_compiled_decode_equals_reference(base, method, attention, monkeypatch):
     plan = plans(ModelShape.of(base.config))[method]
     ref = reference(base, plan)
     x, new = tokens(batch=2, length=7), 6
     expected, expected_full = greedy(ref, x, new), ref(x).logits
-    model = compile_for_decode(convert_model(base, plan), backend="eager", mode=None, all_devices=True)
+    model = compile_for_decode(convert_model(base, plan), "eager", None, all_devices=True, attention=attention)
     no_generic_attention(monkeypatch)  # from here on, only the fast paths may run
     # Prefill without a cache: causal attention, one sdpa per group size.
     assert (model(x).logits - expected_full).abs().max() <= 1e-5

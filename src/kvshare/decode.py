@@ -18,11 +18,20 @@ and plain Llama-family models (transformers' ``StaticCache``).
 from __future__ import annotations
 
 
-def compile_for_decode(model, backend: str = "inductor", mode: str | None = "reduce-overhead", all_devices=False):
+def compile_for_decode(
+    model, backend: str = "inductor", mode: str | None = "reduce-overhead", all_devices=False, attention=None
+):
     """Make ``generate`` with a static cache compile the decode step, as one graph (fullgraph: a graph break
     raises rather than silently splitting the CUDA graph). ``all_devices`` also compiles off CUDA (tests: CPU with
-    ``backend="eager"``). Returns the model."""
+    ``backend="eager"``); ``attention`` ("sdpa" or "matmul") picks a kvshare model's decode attention. Returns
+    the model."""
     from transformers import CompileConfig
+
+    from kvshare.modeling import SharedKVAttention
+
+    for module in model.modules():
+        if attention is not None and isinstance(module, SharedKVAttention):
+            module.decode_attention = attention
 
     config = CompileConfig(fullgraph=True, backend=backend, mode=mode)
     if all_devices:

@@ -121,6 +121,14 @@ def _bucket_indices(buckets) -> dict[str, list[int]]:
     return out
 
 
+def _matmul_attention(rows, key, value, mask, scaling):
+    """Attention of a few query rows per KV head as two matmuls (K and V read once each); softmax in float32."""
+    scores = torch.matmul(rows, key.transpose(-1, -2)).float() * scaling
+    if mask is not None:
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min) if mask.dtype == torch.bool else scores + mask
+    return torch.matmul(scores.softmax(-1).to(value.dtype), value)
+
+
 class SharedKVAttention(nn.Module):
     """Llama attention whose K/V heads are per-layer and possibly another layer's."""
 
@@ -150,6 +158,9 @@ class SharedKVAttention(nn.Module):
         # "pad" (the default, above) or "gather": copy each query head's K/V head before attention (slower; a reference).
         self.kv_layout = "pad"
         self._buckets = _size_buckets(q_to_kv)
+        # The decode step's attention: "sdpa" (torch picks the kernel), or "matmul" (two batched matmuls and a
+        # float32 softmax, which torch.compile fuses; a decode-shaped alternative to compare on a given GPU).
+        self.decode_attention = "sdpa"
         self._unorder = _bucket_indices(self._buckets).get("unorder")
         # Index tensors made here, on the CPU, and remade wherever the module moves (_apply), so that no forward
         # creates one: a compiled graph that made its own would differ from the one that reads it, and a
@@ -203,9 +214,12 @@ class SharedKVAttention(nn.Module):
         if self._slots is not None:
             query = query.index_select(1, self._indices("slots", self._slots, query.device))
         rows = query.reshape(batch, self.n_kv, self._gmax, d)
-        out = F.scaled_dot_product_attention(
-            rows, key, value, attn_mask=mask, dropout_p=self._dropout(), scale=self.scaling
-        )
+        if self.decode_attention == "matmul":
+            out = _matmul_attention(rows, key, value, mask, self.scaling)
+        else:
+            out = F.scaled_dot_product_attention(
+                rows, key, value, attn_mask=mask, dropout_p=self._dropout(), scale=self.scaling
+            )
         out = out.reshape(batch, -1, 1, d)
         if self._slots is not None:
             out = out.index_select(1, self._indices("unslots", self._unslots, out.device))
