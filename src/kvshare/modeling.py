@@ -90,8 +90,14 @@ def _equal_contiguous(q_to_kv: list[int]) -> int | None:
 FROM_START = "kvshare_from_start"
 
 
-def _size_buckets(q_to_kv: list[int]) -> list[tuple[int, list[int] | None, list[int] | None]]:
-    """Per distinct group size: (size, its KV heads, their query heads KV head by KV head); None: all, in order."""
+def _span(values: list[int]) -> slice | list[int]:
+    """A slice where the indices are consecutive (a view: no copy), else the list."""
+    return slice(values[0], values[-1] + 1) if values == list(range(values[0], values[0] + len(values))) else values
+
+
+def _size_buckets(q_to_kv: list[int]) -> list[tuple[int, slice | list[int], slice | list[int]]]:
+    """Per distinct group size: (size, its KV heads, their query heads KV head by KV head). Slices when the
+    conversion ordered the heads by group size (kvshare.merge.kv_order), else index lists."""
     n_kv, heads = max(q_to_kv) + 1, len(q_to_kv)
     by_size: dict[int, list[int]] = {}
     for g in range(n_kv):
@@ -99,24 +105,22 @@ def _size_buckets(q_to_kv: list[int]) -> list[tuple[int, list[int] | None, list[
     out = []
     for size, kv_heads in sorted(by_size.items()):
         q_heads = [h for g in kv_heads for h in range(heads) if q_to_kv[h] == g]
-        if len(by_size) == 1 and q_heads == list(range(heads)):
-            return [(size, None, None)]  # native GQA: equal contiguous groups
-        out.append((size, None if kv_heads == list(range(n_kv)) else kv_heads, q_heads))
+        out.append((size, _span(kv_heads), _span(q_heads)))
     return out
 
 
 def _bucket_indices(buckets) -> dict[str, list[int]]:
-    """Index lists of the buckets' query and KV heads, and "unorder", which puts the buckets' outputs back in
-    query-head order."""
+    """Index lists of the buckets' query and KV heads that are not slices, and "unorder", which puts the
+    buckets' outputs back in query-head order."""
     out: dict[str, list[int]] = {}
     order = []
     for i, (_, kv_heads, q_heads) in enumerate(buckets):
-        if kv_heads is not None:
+        if isinstance(kv_heads, list):
             out[f"kv{i}"] = kv_heads
-        if q_heads is not None:
+        if isinstance(q_heads, list):
             out[f"q{i}"] = q_heads
-            order += q_heads
-    if order and order != list(range(len(order))):
+        order += q_heads if isinstance(q_heads, list) else list(range(q_heads.start, q_heads.stop))
+    if order != list(range(len(order))):
         out["unorder"] = sorted(range(len(order)), key=order.__getitem__)
     return out
 
@@ -230,9 +234,12 @@ class SharedKVAttention(nn.Module):
         the KV heads with that many members, so no padded head is computed."""
         outs = []
         for i, (size, kv_heads, q_heads) in enumerate(self._buckets):
-            q = query if q_heads is None else query.index_select(1, self._indices(f"q{i}", q_heads, query.device))
-            if kv_heads is None:
-                k, v = key, value
+            if isinstance(q_heads, slice):
+                q = query[:, q_heads]
+            else:
+                q = query.index_select(1, self._indices(f"q{i}", q_heads, query.device))
+            if isinstance(kv_heads, slice):
+                k, v = key[:, kv_heads], value[:, kv_heads]
             else:
                 index = self._indices(f"kv{i}", kv_heads, key.device)
                 k, v = key.index_select(1, index), value.index_select(1, index)
