@@ -441,6 +441,7 @@ def main() -> None:
         atomic_write_text(out / "decode_floor.md", report(data))
         return
     torch._dynamo.config.recompile_limit = 64  # one graph per model and batch; all share one forward
+    torch._dynamo.config.automatic_dynamic_shapes = False  # each batch its own static graph, not a symbolic one
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     if not args.smoke:
