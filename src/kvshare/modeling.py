@@ -19,6 +19,13 @@ Where sdpa or eager would instead repeat K/V per query head (a mask: chunked
 prefill, a static cache, padding), one decoded token's group becomes query rows
 of its KV head, and a longer input attends once per group member.
 
+With sdpa (the default) two cases take a faster path: a decode step calls sdpa
+once on those query rows, with no Python work that depends on the step, so a
+compiled step (kvshare.decode.compile_for_decode) is one CUDA graph; and an
+input with nothing cached before it and no padding (a prefill) runs causal
+attention without a mask, one sdpa per distinct group size on the query heads
+of the KV heads of that size, so no padded head is computed.
+
 This module imports only torch and transformers so it can be shipped beside a
 checkpoint as remote code (``trust_remote_code=True``); importing ``kvshare``
 registers it with the Auto classes instead.
