@@ -244,12 +244,12 @@ def time_decode(models, batch, args, device, record, phase="decode", ready=None)
             caches[v] = warm_up(model, batch, args, device)
             warm[v] = time.perf_counter() - t0
         except Exception as e:  # an OOM or a failure is a cell too (a miss)
-            record(v, phase, batch, {"batch": batch, "error": f"{type(e).__name__}: {str(e)[:300]}"})
+            record(v, phase, batch, {"batch": batch, "error": error_text(e)})
             free(device)
-    steps = {v: [] for v in caches}
-    for rep in range(args.reps):
-        for v in caches:
-            steps[v].append(decode_run(models[v], caches[v], batch, args.prompt, args.new, rep + 1, device))
+    runs = {
+        v: lambda rep, v=v: decode_run(models[v], caches[v], batch, args.prompt, args.new, rep, device) for v in caches
+    }
+    steps = alternate(runs, args.reps, lambda v, e: record(v, phase, batch, {"batch": batch, "error": error_text(e)}))
     for v, s in steps.items():
         f = facts(models[v], batch, args)
         step = statistics.median(s)
@@ -269,13 +269,37 @@ def cache_bytes_exact(cache, model, batch, args) -> bool:
     return cache_bytes(cache) == analytic
 
 
+def error_text(e: Exception) -> str:
+    return f"{type(e).__name__}: {str(e)[:300]}"
+
+
+def alternate(runs: dict, reps: int, miss) -> dict[str, list[float]]:
+    """``runs``: variant → f(rep) → seconds, called rep by rep with the variants in turn. A variant that fails is
+    passed to ``miss(variant, error)`` and dropped, so the others are still measured."""
+    out = {v: [] for v in runs}
+    for rep in range(1, reps + 1):
+        for v in list(out):
+            try:
+                out[v].append(runs[v](rep))
+            except Exception as e:
+                miss(v, e)
+                del out[v]
+    return out
+
+
 def time_prefill(models, args, device, record) -> None:
-    times = {v: [] for v in models}
-    for model in models.values():  # warm-up (cuBLAS, allocator)
-        prefill_run(model, args.prefill_batch, min(args.prompt, 256), 0, device)
-    for rep in range(args.reps):
-        for v, model in models.items():
-            times[v].append(prefill_run(model, args.prefill_batch, args.prompt, rep + 1, device))
+    """Prefill of --prefill-batch × prompt tokens, the variants alternating, after a short warm-up each."""
+
+    def miss(v, e):
+        record(v, "prefill", args.prefill_batch, {"batch": args.prefill_batch, "error": error_text(e)})
+
+    warm = {
+        v: lambda rep, m=m: prefill_run(m, args.prefill_batch, min(args.prompt, 256), 0, device)
+        for v, m in models.items()
+    }
+    ok = alternate(warm, 1, miss)  # cuBLAS, allocator
+    runs = {v: lambda rep, m=models[v]: prefill_run(m, args.prefill_batch, args.prompt, rep, device) for v in ok}
+    times = alternate(runs, args.reps, miss)
     tokens = args.prefill_batch * args.prompt
     for v, t in times.items():
         s = statistics.median(t)
@@ -338,7 +362,12 @@ def run_piece(args, device, dtype, data, out) -> None:
                     time_max(model, v, args, device, record)
                 free(device)
             continue
-        models = build_models(shape, dims_of[shape], variants, device, dtype, args)
+        try:
+            models = build_models(shape, dims_of[shape], variants, device, dtype, args)
+        except Exception as e:  # every cell of the piece is a miss
+            for v in variants:
+                record(v, args.phase, "build", {"error": error_text(e)})
+            continue
         if args.phase == "prefill":
             time_prefill(models, args, device, record)
         else:
