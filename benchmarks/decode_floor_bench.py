@@ -31,7 +31,8 @@ Phases:
 
 Results merge into ``<out>/decode_floor.json`` (one entry per cell, replaced when
 re-run, each with its command) and ``<out>/decode_floor.md``, so the bench runs in
-pieces of a few minutes each:
+pieces of a few minutes each; pieces written to separate folders are merged with
+``--merge DIR1/decode_floor.json DIR2/decode_floor.json ... --out DIR``:
 
     PYTHONPATH=src python benchmarks/decode_floor_bench.py --shape llama2-7b --variants gqa,qcqa-ac,hf-static \\
         --phase decode --batches 1,32 --out DIR
@@ -463,11 +464,16 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU, every phase, in well under a minute")
     ap.add_argument("--report", action="store_true", help="only rewrite the markdown from <out>/decode_floor.json")
+    ap.add_argument("--merge", nargs="+", metavar="JSON", help="merge these pieces' results into <out> (no run)")
     args = ap.parse_args()
     out = Path(args.out)
     data = load(out)
-    if args.report:
-        atomic_write_text(out / "decode_floor.md", report(data))
+    for piece in args.merge or []:  # later pieces replace earlier cells of the same key
+        more = json.loads(Path(piece).read_text())
+        data["cells"] |= more["cells"]
+        data["machines"] |= more["machines"]
+    if args.report or args.merge:
+        save(data, out)
         return
     torch._dynamo.config.recompile_limit = 64  # one graph per model and batch; all share one forward
     torch._dynamo.config.automatic_dynamic_shapes = False  # each batch its own static graph, not a symbolic one
