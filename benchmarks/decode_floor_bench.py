@@ -412,6 +412,31 @@ def table_row(r: dict, base: dict | None, cmd: int) -> str:
     return "| " + " | ".join(row) + " |"
 
 
+def targets(cells: list[dict], gqa: dict) -> list[str]:
+    """The issue's targets, each as met or not from the cells measured (sdpa decode attention)."""
+    lines = ["", "## Targets", ""]
+    for r in cells:
+        if "error" in r or "(" in r["variant"]:
+            continue
+        key, base = (r["shape"], r["phase"], r.get("batch")), gqa.get((r["shape"], r["phase"], r.get("batch")))
+        if r["phase"] == "decode" and r["batch"] in (1, 32) and r["variant"] != "hf-static":
+            ok = r["fraction_of_floor"] >= 0.80
+            lines.append(f"- {'met' if ok else 'MISSED'}: {r['shape']} {r['variant']} B={r['batch']} at "
+                         f"{r['fraction_of_floor']:.2f} of its floor (target ≥ 0.80)")  # fmt: skip
+        if r["variant"] == "qcqa-ac" and base and r["phase"] in ("decode", "prefill"):
+            ratio, want = r["tok_s"] / base["tok_s"], 0.95 if r["phase"] == "decode" else 0.97
+            lines.append(f"- {'met' if ratio >= want else 'MISSED'}: {' '.join(map(str, key))} qcqa-ac / gqa "
+                         f"tokens/s {ratio:.3f} (target ≥ {want})")  # fmt: skip
+        top = gqa.get((r["shape"], "max", r.get("batch"))) or next(
+            (g for (shape, phase, _), g in gqa.items() if shape == r["shape"] and phase == "max"), None
+        )
+        if r["phase"] == "max" and top and r["variant"] != "gqa":
+            by_floor = (r["batch"] / r["floor_ms"]) / (top["batch"] / top["floor_ms"])
+            lines.append(f"- {r['shape']} largest batch, {r['variant']} (B={r['batch']}): {r['tok_s'] / top['tok_s']:.2f}× "
+                         f"gqa's tokens/s (B={top['batch']}); the floor predicts {by_floor:.2f}×")  # fmt: skip
+    return lines
+
+
 def report(data: dict) -> str:
     phases, names = ("decode", "max", "prefill"), list(VARIANTS)
     cells = sorted(data["cells"].values(), key=lambda r: (r["shape"], phases.index(r["phase"]), r.get("batch") or 0,
@@ -434,6 +459,7 @@ def report(data: dict) -> str:
     for r in cells:
         base = gqa_max.get(r["shape"]) if r["phase"] == "max" else gqa.get((r["shape"], r["phase"], r.get("batch")))
         lines.append(table_row(r, base, commands.index(r["command"]) + 1))
+    lines += targets(cells, gqa)
     lines += ["", "Commands (PYTHONPATH=src, from the repository root):", ""]
     lines += [f"{i + 1}. `python {c}`" for i, c in enumerate(commands)]
     return "\n".join(lines) + "\n"
