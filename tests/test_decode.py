@@ -133,3 +133,21 @@ def test_bench_variants_of_the_7b_shape_store_matched_kv():
     ac = plans["qcqa-ac"]
     assert all(len({ac.groups[i].count(g) for g in range(16)}) > 1 for i in range(32))
     assert len({ac.groups[i] for i in range(32)}) == 32
+
+
+@torch.no_grad()
+def test_compiled_decode_of_left_padded_prompts_equals_reference(base):
+    """Padding: the prefill takes the masked path, the compiled steps read the padded mask."""
+    plan = plans(ModelShape.of(base.config))["qcqa-ac+cla2"]
+    ref = reference(base, plan)
+    x = tokens(batch=2, length=7)
+    mask = torch.ones_like(x)
+    mask[0, :3] = 0  # the first prompt is 4 tokens, left-padded
+    kwargs = dict(attention_mask=mask, max_new_tokens=5, do_sample=False, return_dict_in_generate=True)
+    expected = ref.generate(x, output_logits=True, **kwargs)
+    model = compile_for_decode(convert_model(base, plan), "eager", None, all_devices=True)
+    torch._dynamo.reset()
+    out = model.generate(x, past_key_values=static_cache(model, 2, 11), output_logits=True, **kwargs)
+    assert torch.equal(out.sequences, expected.sequences)
+    for a, b in zip(out.logits, expected.logits, strict=True):
+        assert (a - b).abs().max() <= 1e-5
