@@ -43,7 +43,6 @@ pieces of a few minutes each; pieces written to separate folders are merged with
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import random
 import statistics
@@ -63,6 +62,7 @@ from kvshare.io import atomic_write_json, atomic_write_text  # noqa: E402
 from kvshare.merge import convert_model  # noqa: E402
 from kvshare.plan import ModelShape, Plan, cla_pattern  # noqa: E402
 
+free, sync = db.free, db.sync  # gc + empty_cache; a device sync
 BANDWIDTH = 4.3e12  # H200 HBM3e, bytes/s
 LLAMA2_7B = dict(num_hidden_layers=32, hidden_size=4096, intermediate_size=11008, num_attention_heads=32,
                  num_key_value_heads=32, head_dim=128, vocab_size=32000)  # fmt: skip
@@ -146,17 +146,6 @@ def build_models(shape_name, dims, variants, device, dtype, args) -> dict:
     del base
     free(device)
     return models
-
-
-def free(device):
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def fill_context(cache, tokens: int) -> None:
