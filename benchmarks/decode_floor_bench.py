@@ -165,16 +165,11 @@ def decode_run(model, cache, batch, prompt, new, seed, device) -> float:
     ids = ids.to(device)
     fill_context(cache, prompt - 1)
     clock = db.StepClock(device)
+    greedy = dict(max_new_tokens=new, do_sample=False, pad_token_id=0, eos_token_id=None)
     with torch.no_grad():
+        clocked = LogitsProcessorList([clock])
         out = model.generate(
-            ids,
-            attention_mask=torch.ones_like(ids),
-            past_key_values=cache,
-            max_new_tokens=new,
-            do_sample=False,
-            logits_processor=LogitsProcessorList([clock]),
-            pad_token_id=0,
-            eos_token_id=None,
+            ids, attention_mask=torch.ones_like(ids), past_key_values=cache, logits_processor=clocked, **greedy
         )
     if out.shape[1] != prompt + new:
         raise RuntimeError(f"generated {out.shape[1] - prompt} tokens, not {new}")
