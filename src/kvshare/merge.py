@@ -37,11 +37,23 @@ def contiguous_order(q_to_kv: list[int]) -> list[int]:
     return sorted(range(len(q_to_kv)), key=lambda h: (q_to_kv[h], h))
 
 
+def kv_order(q_to_kv: list[int]) -> list[int]:
+    """KV heads by group size (stable): the order that makes the KV heads of each size contiguous, and with
+    :func:`contiguous_order` their query heads too, so a prefill attends one slice per size (no copies)."""
+    return sorted(range(max(q_to_kv) + 1), key=lambda g: (q_to_kv.count(g), g))
+
+
+def sized_labels(q_to_kv: list[int]) -> list[int]:
+    """``q_to_kv`` with the KV heads renumbered in :func:`kv_order` (unchanged for equal groups)."""
+    new = {old: i for i, old in enumerate(kv_order(q_to_kv))}
+    return [new[g] for g in q_to_kv]
+
+
 def query_maps(plan: Plan, permute: bool = True) -> list[list[int]]:
-    """Per layer, the KV head of each query head in the converted model's query order."""
+    """Per layer, the KV head of each query head in the converted model's query (and KV head) order."""
     maps = []
     for i in range(plan.shape.num_layers):
-        q_to_kv = plan.q_to_kv(i)
+        q_to_kv = sized_labels(plan.q_to_kv(i)) if permute else plan.q_to_kv(i)
         maps.append([q_to_kv[h] for h in contiguous_order(q_to_kv)] if permute else q_to_kv)
     return maps
 
@@ -130,7 +142,7 @@ def layer_attention(plan: Plan, layer: int, get: Callable, permute: bool, dtype)
     shape = plan.shape
     prefix = f"model.layers.{layer}.self_attn"
     out = {}
-    order = contiguous_order(plan.q_to_kv(layer)) if permute else list(range(shape.num_heads))
+    order = contiguous_order(sized_labels(plan.q_to_kv(layer))) if permute else list(range(shape.num_heads))
     for proj, kind in (("q", "weight"), ("q", "bias"), ("o", "weight"), ("o", "bias")):
         t = get(f"{prefix}.{proj}_proj.{kind}")
         if t is not None:
@@ -149,6 +161,9 @@ def layer_attention(plan: Plan, layer: int, get: Callable, permute: bool, dtype)
                     import torch
 
                     pooled = torch.stack([_pool(p, plan.groups[layer]) for p in parts]).mean(0)
+                    if permute:  # KV heads in the order of sized_labels
+                        heads = kv_order(plan.q_to_kv(layer))
+                        pooled = pooled.reshape(len(heads), -1, *pooled.shape[1:])[heads].reshape(pooled.shape)
                     out[f"{prefix}.{proj}_proj.{kind}"] = pooled.to(dtype)
     return out
 

@@ -19,6 +19,13 @@ Where sdpa or eager would instead repeat K/V per query head (a mask: chunked
 prefill, a static cache, padding), one decoded token's group becomes query rows
 of its KV head, and a longer input attends once per group member.
 
+With sdpa (the default) two cases take a faster path: a decode step calls sdpa
+once on those query rows, with no Python work that depends on the step, so a
+compiled step (kvshare.decode.compile_for_decode) is one CUDA graph; and an
+input with nothing cached before it and no padding (a prefill) runs causal
+attention without a mask, one sdpa per distinct group size on the query heads
+of the KV heads of that size, so no padded head is computed.
+
 This module imports only torch and transformers so it can be shipped beside a
 checkpoint as remote code (``trust_remote_code=True``); importing ``kvshare``
 registers it with the Auto classes instead.
@@ -27,6 +34,7 @@ registers it with the Auto classes instead.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, Cache, DynamicCache, LlamaConfig, LlamaForCausalLM
 from transformers.cache_utils import StaticLayer
@@ -84,6 +92,54 @@ def _equal_contiguous(q_to_kv: list[int]) -> int | None:
     return size if q_to_kv == [h // size for h in range(len(q_to_kv))] else None
 
 
+# Keyword the model's forward passes to its attention layers: nothing was cached before this input and it has no
+# padding, so attention is causal over exactly its tokens (a static cache's mask would say so only as a mask).
+FROM_START = "kvshare_from_start"
+
+
+def _span(values: list[int]) -> slice | list[int]:
+    """A slice where the indices are consecutive (a view: no copy), else the list."""
+    return slice(values[0], values[-1] + 1) if values == list(range(values[0], values[0] + len(values))) else values
+
+
+def _size_buckets(q_to_kv: list[int]) -> list[tuple[int, slice | list[int], slice | list[int]]]:
+    """Per distinct group size: (size, its KV heads, their query heads KV head by KV head). Slices when the
+    conversion ordered the heads by group size (kvshare.merge.kv_order), else index lists."""
+    n_kv, heads = max(q_to_kv) + 1, len(q_to_kv)
+    by_size: dict[int, list[int]] = {}
+    for g in range(n_kv):
+        by_size.setdefault(q_to_kv.count(g), []).append(g)
+    out = []
+    for size, kv_heads in sorted(by_size.items()):
+        q_heads = [h for g in kv_heads for h in range(heads) if q_to_kv[h] == g]
+        out.append((size, _span(kv_heads), _span(q_heads)))
+    return out
+
+
+def _bucket_indices(buckets) -> dict[str, list[int]]:
+    """Index lists of the buckets' query and KV heads that are not slices, and "unorder", which puts the
+    buckets' outputs back in query-head order."""
+    out: dict[str, list[int]] = {}
+    order = []
+    for i, (_, kv_heads, q_heads) in enumerate(buckets):
+        if isinstance(kv_heads, list):
+            out[f"kv{i}"] = kv_heads
+        if isinstance(q_heads, list):
+            out[f"q{i}"] = q_heads
+        order += q_heads if isinstance(q_heads, list) else list(range(q_heads.start, q_heads.stop))
+    if order != list(range(len(order))):
+        out["unorder"] = sorted(range(len(order)), key=order.__getitem__)
+    return out
+
+
+def _matmul_attention(rows, key, value, mask, scaling):
+    """Attention of a few query rows per KV head as two matmuls (K and V read once each); softmax in float32."""
+    scores = torch.matmul(rows, key.transpose(-1, -2)).float() * scaling
+    if mask is not None:
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min) if mask.dtype == torch.bool else scores + mask
+    return torch.matmul(scores.softmax(-1).to(value.dtype), value)
+
+
 class SharedKVAttention(nn.Module):
     """Llama attention whose K/V heads are per-layer and possibly another layer's."""
 
@@ -112,6 +168,11 @@ class SharedKVAttention(nn.Module):
             self._q_to_kv, self._slots, self._unslots = list(q_to_kv), slots, [slots.index(h) for h in range(heads)]
         # "pad" (the default, above) or "gather": copy each query head's K/V head before attention (slower; a reference).
         self.kv_layout = "pad"
+        self._buckets = _size_buckets(q_to_kv)
+        # The decode step's attention: "sdpa" (torch picks the kernel), or "matmul" (two batched matmuls and a
+        # float32 softmax, which torch.compile fuses; a decode-shaped alternative to compare on a given GPU).
+        self.decode_attention = "sdpa"
+        self._unorder = _bucket_indices(self._buckets).get("unorder")
         # Index tensors made here, on the CPU, and remade wherever the module moves (_apply), so that no forward
         # creates one: a compiled graph that made its own would differ from the one that reads it, and a
         # recomputed checkpointed layer would save other tensors than its forward did. Not buffers:
@@ -125,6 +186,7 @@ class SharedKVAttention(nn.Module):
         self.o_proj = nn.Linear(heads * self.head_dim, hidden, bias=bias if o_bias is None else o_bias)
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs):
+        from_start = kwargs.pop(FROM_START, False)
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
         query = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
@@ -140,7 +202,66 @@ class SharedKVAttention(nn.Module):
             query = query * cos.unsqueeze(1) + rotate_half(query) * sin.unsqueeze(1)
             shared = past_key_values.layers[self.kv_layer]
             key, value = shared.keys, shared.values
-        impl = self.config._attn_implementation
+        impl, q_len = self.config._attn_implementation, query.shape[2]
+        out = None
+        if impl == "sdpa" and self.kv_layout == "pad":
+            if q_len == 1:
+                out = self._decode_sdpa(query, key, value, attention_mask)
+            elif from_start or (attention_mask is None and key.shape[2] == q_len):
+                # Causal attention over exactly these tokens (nothing cached before them, no padding): no mask.
+                out = self._causal_sdpa(query, key[:, :, :q_len], value[:, :, :q_len])
+        weights = None
+        if out is None:
+            out, weights = self._attend(query, key, value, attention_mask, impl, kwargs)
+        return self.o_proj(out.reshape(*input_shape, -1).contiguous()), weights
+
+    def _dropout(self) -> float:
+        return 0.0 if not self.training else self.attention_dropout
+
+    def _decode_sdpa(self, query, key, value, mask):
+        """One new token: each KV head's query heads (padded to the largest group) are its query rows, so K/V
+        are read once, as stored, by one sdpa call with no per-call index work but two tiny gathers."""
+        batch, d = query.shape[0], self.head_dim
+        if self._slots is not None:
+            query = query.index_select(1, self._indices("slots", self._slots, query.device))
+        rows = query.reshape(batch, self.n_kv, self._gmax, d)
+        if self.decode_attention == "matmul":
+            out = _matmul_attention(rows, key, value, mask, self.scaling)
+        else:
+            out = F.scaled_dot_product_attention(
+                rows, key, value, attn_mask=mask, dropout_p=self._dropout(), scale=self.scaling
+            )
+        out = out.reshape(batch, -1, 1, d)
+        if self._slots is not None:
+            out = out.index_select(1, self._indices("unslots", self._unslots, out.device))
+        return out.transpose(1, 2)
+
+    def _causal_sdpa(self, query, key, value):
+        """Causal attention from position 0, one sdpa (native GQA) per distinct group size: the query heads of
+        the KV heads with that many members, so no padded head is computed."""
+        outs = []
+        for i, (size, kv_heads, q_heads) in enumerate(self._buckets):
+            if isinstance(q_heads, slice):
+                q = query[:, q_heads]
+            else:
+                q = query.index_select(1, self._indices(f"q{i}", q_heads, query.device))
+            if isinstance(kv_heads, slice):
+                k, v = key[:, kv_heads], value[:, kv_heads]
+            else:
+                index = self._indices(f"kv{i}", kv_heads, key.device)
+                k, v = key.index_select(1, index), value.index_select(1, index)
+            outs.append(
+                F.scaled_dot_product_attention(
+                    q, k, v, dropout_p=self._dropout(), is_causal=True, scale=self.scaling, enable_gqa=size > 1
+                )
+            )
+        out = outs[0] if len(outs) == 1 else torch.cat(outs, 1)
+        if self._unorder is not None:
+            out = out.index_select(1, self._indices("unorder", self._unorder, out.device))
+        return out.transpose(1, 2)
+
+    def _attend(self, query, key, value, attention_mask, impl, kwargs):
+        """Any backend, any mask (the reference path): padded groups, or K/V gathered per query head."""
         batch, q_len, d = query.shape[0], query.shape[2], self.head_dim
         groups = self._gmax
         if self._slots is not None and self.kv_layout == "gather":
@@ -153,7 +274,7 @@ class SharedKVAttention(nn.Module):
 
         def attend(q, n_groups, mask, **extra):
             self.num_key_value_groups = n_groups
-            dropout = 0.0 if not self.training else self.attention_dropout
+            dropout = self._dropout()
             return attention(self, q, key, value, mask, dropout=dropout, scaling=self.scaling, **kwargs, **extra)
 
         # sdpa with a mask, and eager always, would copy K/V per query head (repeat_kv) for groups > 1.
@@ -174,13 +295,16 @@ class SharedKVAttention(nn.Module):
             unslots = self._indices("unslots", self._unslots, out.device)
             out = out.index_select(2, unslots)
             weights = None if weights is None else weights.index_select(1, unslots)
-        return self.o_proj(out.reshape(*input_shape, -1).contiguous()), weights
+        return out, weights
 
     def _make_indices(self, device) -> dict[str, torch.Tensor]:
-        if self._slots is None:
-            return {}
-        lists = {"gather": self._q_to_kv, "slots": self._slots, "unslots": self._unslots}
-        return {name: torch.tensor(values, device=device) for name, values in lists.items()}
+        lists = {} if self._slots is None else {"gather": self._q_to_kv, "slots": self._slots, "unslots": self._unslots}
+        lists |= _bucket_indices(self._buckets)
+        index = {name: torch.tensor(values, device=device) for name, values in lists.items()}
+        if not torch.compiler.is_compiling():
+            for t in index.values():  # fixed addresses: a CUDA graph reads them in place instead of copying them in
+                torch._dynamo.mark_static_address(t)
+        return index
 
     def _apply(self, fn, recurse=True):
         # to(), cuda(), to_empty(), ...: the indices follow to the device the function sends tensors to.
@@ -220,7 +344,45 @@ class KVShareLlamaForCausalLM(LlamaForCausalLM):
             if not keep:
                 out.past_key_values = None
             return out
+        x = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
+        if FROM_START not in kwargs and _starts_fresh(past_key_values, kwargs.get("attention_mask"), x):
+            kwargs[FROM_START] = True
         return super().forward(input_ids=input_ids, past_key_values=past_key_values, use_cache=use_cache, **kwargs)
+
+    def prepare_inputs_for_generation(self, input_ids, past_key_values=None, attention_mask=None, **kwargs):
+        # generate() turns the 2D mask into a 4D one for a static cache; whether it pads anything is seen here.
+        inputs = super().prepare_inputs_for_generation(
+            input_ids, past_key_values=past_key_values, attention_mask=attention_mask, **kwargs
+        )
+        x = inputs.get("input_ids") if inputs.get("input_ids") is not None else inputs.get("inputs_embeds")
+        if _starts_fresh(past_key_values, attention_mask, x):
+            inputs[FROM_START] = True
+        return inputs
+
+    def get_compiled_call(self, compile_config):
+        """generate()'s compiled forward (decode steps), with the static cache's bookkeeping done before each call,
+        outside the graph."""
+        compiled = super().get_compiled_call(compile_config)
+
+        def call(*args, **kwargs):
+            cache = kwargs.get("past_key_values")
+            x = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs.get("inputs_embeds")
+            if isinstance(cache, KVShareStaticCache) and x is not None:
+                cache.advance(x.shape[0], x.shape[1])
+            return compiled(*args, **kwargs)
+
+        return call
+
+
+def _starts_fresh(cache, attention_mask, x) -> bool:
+    """Whether a multi-token input ``x`` goes into an empty static cache without padding (a 2D mask of ones or
+    none; checked eagerly: one sync per prefill), so its attention needs no mask. Other caches show it by
+    having no mask."""
+    if torch.compiler.is_compiling() or x is None or x.shape[1] < 2 or not isinstance(cache, KVShareStaticCache):
+        return False
+    if cache.length != 0:
+        return False
+    return attention_mask is None or (attention_mask.dim() == 2 and bool(attention_mask.all()))
 
 
 class _StaticKV(StaticLayer):
@@ -236,19 +398,26 @@ class _StaticKV(StaticLayer):
         self.length = 0
 
     def update(self, key_states, value_states, *args, **kwargs):
-        end = self.length + key_states.shape[-2]
+        # A compiled forward must not branch on or change Python state (each new value would be a recompile):
+        # there the caller advances the cache before the call (KVShareLlamaForCausalLM.get_compiled_call).
+        if not torch.compiler.is_compiling():
+            self.advance(key_states.shape[0], key_states.shape[-2])
+        return super().update(key_states, value_states, *args, **kwargs)
+
+    def advance(self, batch: int, tokens: int) -> None:
+        """Check that ``tokens`` more tokens of a batch of ``batch`` fit, and count them."""
+        end = self.length + tokens
         if end > self.max_cache_len:
             raise ValueError(
                 f"the static KV cache holds max_cache_len={self.max_cache_len} tokens but this step needs {end}: "
                 "build KVShareStaticCache with max_cache_len >= prompt + new tokens"
             )
-        if key_states.shape[0] != self.batch_size:
+        if batch != self.batch_size:
             raise ValueError(
                 f"the static KV cache was built for batch_size={self.batch_size} but got a batch of "
-                f"{key_states.shape[0]}: build KVShareStaticCache with batch_size={key_states.shape[0]}"
+                f"{batch}: build KVShareStaticCache with batch_size={batch}"
             )
         self.length = end
-        return super().update(key_states, value_states, *args, **kwargs)
 
     def reset(self) -> None:
         super().reset()
@@ -281,6 +450,17 @@ class KVShareStaticCache(Cache):
             if isinstance(layer, _StaticKV):
                 empty = torch.empty(batch_size, config.n_kv(i), 0, config.head_dim, dtype=dtype, device=device)
                 layer.lazy_initialization(empty, empty)
+
+    @property
+    def length(self) -> int:
+        """Tokens written so far (a Python int: reading it needs no device sync)."""
+        return self.layers[0].length  # layer 0 always stores its own K/V
+
+    def advance(self, batch: int, tokens: int) -> None:
+        """What the layers' updates do outside a compiled forward: check room and batch, count the tokens."""
+        for layer in self.layers:
+            if isinstance(layer, _StaticKV):
+                layer.advance(batch, tokens)
 
 
 def cache_bytes(cache) -> int:

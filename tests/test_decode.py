@@ -1,0 +1,173 @@
+"""The fast decode path (compiled step, static cache, sdpa fast paths) computes what the reference path does."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch._dynamo
+
+import kvshare.modeling as modeling
+from kvshare.decode import compile_for_decode, floor_seconds, kv_bytes_per_token, static_cache
+from kvshare.merge import convert_model
+from kvshare.plan import ModelShape
+from tests.builders import tiny_llama
+from tests.test_modeling import greedy, plans, tokens
+
+METHODS = ["gqa", "qcqa-ac", "qcqa-ec", "cla2", "mqa", "qcqa-ac+cla2"]
+
+
+@pytest.fixture(scope="module")
+def base():
+    return tiny_llama(heads=8, kv_heads=4, layers=4)
+
+
+def reference(base, plan):
+    """The converted model on the generic path: eager attention, K/V gathered per query head."""
+    model = convert_model(base, plan)
+    model.config._attn_implementation = "eager"
+    for layer in model.model.layers:
+        layer.self_attn.kv_layout = "gather"
+    return model
+
+
+def no_generic_attention(monkeypatch):
+    def fail(*args, **kwargs):
+        raise AssertionError("the generic attention path ran")
+
+    monkeypatch.setattr(modeling.SharedKVAttention, "_attend", fail)
+
+
+@pytest.mark.parametrize(
+    ("method", "attention"), [(m, "sdpa") for m in METHODS] + [("qcqa-ac", "matmul"), ("mqa", "matmul")]
+)
+@torch.no_grad()
+def test_compiled_decode_equals_reference(base, method, attention, monkeypatch):
+    plan = plans(ModelShape.of(base.config))[method]
+    ref = reference(base, plan)
+    x, new = tokens(batch=2, length=7), 6
+    expected, expected_full = greedy(ref, x, new), ref(x).logits
+    model = compile_for_decode(convert_model(base, plan), "eager", None, all_devices=True, attention=attention)
+    no_generic_attention(monkeypatch)  # from here on, only the fast paths may run
+    # Prefill without a cache: causal attention, one sdpa per group size.
+    assert (model(x).logits - expected_full).abs().max() <= 1e-5
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    cache = static_cache(model, batch_size=2, max_cache_len=x.shape[1] + new - 1)
+    with torch._dynamo.config.patch(error_on_recompile=True):  # one graph for every decode step
+        out = greedy(model, x, new, past_key_values=cache)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    assert torch.equal(out.sequences, expected.sequences)
+    for a, b in zip(out.logits, expected.logits, strict=True):
+        assert (a - b).abs().max() <= 1e-5
+    cached = x.shape[1] + new - 1
+    assert cache.length == cached
+    assert modeling.cache_bytes(cache) == 2 * cached * plan.kv_bytes_per_token(dtype_bytes=4)
+
+
+@torch.no_grad()
+def test_compiled_decode_still_names_a_full_cache(base):
+    model = compile_for_decode(
+        convert_model(base, plans(ModelShape.of(base.config))["qcqa-ac+cla2"]), "eager", None, True
+    )
+    torch._dynamo.reset()
+    x = tokens(batch=2, length=7)
+    cache = static_cache(model, batch_size=2, max_cache_len=9)
+    with pytest.raises(ValueError, match=r"max_cache_len=9 .* needs 10"):
+        greedy(model, x, 4, past_key_values=cache)
+
+
+@torch.no_grad()
+def test_prefill_computes_no_padded_query_head(base, monkeypatch):
+    """Unequal groups: one sdpa per distinct group size, on exactly the layer's query heads."""
+    plan = plans(ModelShape.of(base.config))["qcqa-ac"]
+    model = convert_model(base, plan)
+    calls, real = [], torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, **kwargs):
+        calls.append((q.shape[1], k.shape[1], kwargs.get("enable_gqa", False)))
+        return real(q, k, v, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    no_generic_attention(monkeypatch)
+    x = tokens(batch=2, length=7)
+    model(x, past_key_values=static_cache(model, batch_size=2, max_cache_len=7))
+    for i in range(4):
+        maps = model.config.q_to_kv[i]
+        sizes = sorted({maps.count(g) for g in range(max(maps) + 1)})
+        layer_calls, calls = calls[: len(sizes)], calls[len(sizes) :]
+        assert [q // kv for q, kv, _ in layer_calls] == sizes
+        assert sum(q for q, _, _ in layer_calls) == 8 and sum(kv for _, kv, _ in layer_calls) == max(maps) + 1
+    assert not calls
+
+
+@torch.no_grad()
+def test_plain_export_decodes_compiled_with_transformers_static_cache(base):
+    plan = plans(ModelShape.of(base.config))["gqa"]
+    plain = convert_model(base, plan, export=True)
+    x, new = tokens(batch=2, length=7), 5
+    expected = greedy(plain, x, new)
+    compile_for_decode(plain, backend="eager", mode=None, all_devices=True)
+    torch._dynamo.reset()
+    out = greedy(plain, x, new, past_key_values=static_cache(plain, 2, x.shape[1] + new))
+    assert torch.equal(out.sequences, expected.sequences)
+
+
+def test_floor_counts_weights_and_the_cache_they_read(base):
+    plan = plans(ModelShape.of(base.config))["qcqa-ac+cla2"]
+    model = convert_model(base, plan)
+    assert kv_bytes_per_token(model.config, 2) == plan.kv_bytes_per_token(2)
+    assert kv_bytes_per_token(base.config, 2) == 2 * 4 * 4 * 8 * 2
+    assert floor_seconds(100, 10, batch=2, context=5, bandwidth=10.0) == 20.0
+
+
+def test_bench_variants_of_the_7b_shape_store_matched_kv():
+    """decode_floor_bench: gqa, qcqa-ac, qcqa-ec and cla2 keep half the KV heads; qcqa-ac's groups are unequal."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import decode_floor_bench as bench
+
+    shape = ModelShape(32, 32, 32, 128)
+    plans = bench.half_kv_plans(shape)
+    assert {v: plans[v].stored_kv_heads for v in plans} == {"gqa": 512, "qcqa-ac": 512, "qcqa-ec": 512, "cla2": 512,
+                                                            "mqa": 32}  # fmt: skip
+    ac = plans["qcqa-ac"]
+    assert all(len({ac.groups[i].count(g) for g in range(16)}) > 1 for i in range(32))
+    assert len({ac.groups[i] for i in range(32)}) == 32
+
+
+@torch.no_grad()
+def test_compiled_decode_of_left_padded_prompts_equals_reference(base):
+    """Padding: the prefill takes the masked path, the compiled steps read the padded mask."""
+    plan = plans(ModelShape.of(base.config))["qcqa-ac+cla2"]
+    ref = reference(base, plan)
+    x = tokens(batch=2, length=7)
+    mask = torch.ones_like(x)
+    mask[0, :3] = 0  # the first prompt is 4 tokens, left-padded
+    kwargs = dict(attention_mask=mask, max_new_tokens=5, do_sample=False, return_dict_in_generate=True)
+    expected = ref.generate(x, output_logits=True, **kwargs)
+    model = compile_for_decode(convert_model(base, plan), "eager", None, all_devices=True)
+    torch._dynamo.reset()
+    out = model.generate(x, past_key_values=static_cache(model, 2, 11), output_logits=True, **kwargs)
+    assert torch.equal(out.sequences, expected.sequences)
+    for a, b in zip(out.logits, expected.logits, strict=True):
+        assert (a - b).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("method", ["qcqa-ac+cla2", "mqa"])
+@torch.no_grad()
+def test_bf16_compiled_decode_is_within_rounding_of_the_reference(base, method):
+    """bf16: logits within 1e-2 of the reference path's (their scale here: ~0.5); the greedy tokens equal while
+    the reference's top-two margin exceeds that."""
+    bf16 = tiny_llama(heads=8, kv_heads=4, layers=4).to(torch.bfloat16)
+    plan = plans(ModelShape.of(bf16.config))[method]
+    x = tokens(batch=2, length=7)
+    expected = greedy(reference(bf16, plan), x, 6)
+    model = compile_for_decode(convert_model(bf16, plan), "eager", None, all_devices=True)
+    torch._dynamo.reset()
+    out = greedy(model, x, 6, past_key_values=static_cache(model, 2, 12))
+    for step, (a, b) in enumerate(zip(out.logits, expected.logits, strict=True)):
+        assert (a.float() - b.float()).abs().max() <= 1e-2
+        top2 = b.float().topk(2).values
+        if not torch.equal(out.sequences[:, 7 + step], expected.sequences[:, 7 + step]):
+            assert (top2[:, 0] - top2[:, 1]).min() <= 1e-2  # a near-tie, decided by rounding
+            break
