@@ -50,6 +50,7 @@ include: "workflow/rules/convert.smk"
 include: "workflow/rules/finetune.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/pareto.smk"
+include: "workflow/rules/export.smk"
 
 
 onstart:

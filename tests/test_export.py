@@ -162,3 +162,15 @@ def test_rope_permute_is_llamacpp_s():
     """llama.cpp's converter: rows of each head go from [x0..x(d/2-1), y0..] to interleaved [x0, y0, x1, y1, ...]."""
     w = np.arange(8, dtype=np.float32)[:, None]  # one head of dimension 8
     assert rope_permute(w, 1)[:, 0].tolist() == [0, 4, 1, 5, 2, 6, 3, 7]
+
+
+def test_deployable_bytes_pad_unequal_groups_and_count_every_layer():
+    shape = ModelShape(num_layers=2, num_heads=9, num_kv_heads=3, head_dim=64)  # SmolLM2's attention, 2 layers
+    gqa = Plan(shape, ((0, 0, 1),) * 2, (0, 1), "gqa")  # 6 + 3 query heads: padded to 3 KV heads of 3 queries
+    assert Layout.of_plan(gqa).form() is None and gqa.kv_bytes_per_token(2) == 2 * 2 * 2 * 64 * 2
+    assert deployable_kv_bytes_per_token(gqa, 2) == 2 * 3 * 2 * 64 * 2
+    mqa_cla = Plan(shape, ((0, 0, 0),) * 2, (0, 1), "mqa").with_cla([0, 0])  # one layer stores, both cache
+    assert mqa_cla.kv_bytes_per_token(2) == 1 * 2 * 64 * 2 and deployable_kv_bytes_per_token(mqa_cla) == 2 * 2 * 64 * 2
+    per_layer = Plan(shape, ((0, 1, 2), (0, 0, 0)), (0, 1), "qcqa-ec")
+    assert Layout.of_plan(per_layer).form() == "per-layer"
+    assert deployable_kv_bytes_per_token(per_layer) == per_layer.kv_bytes_per_token(2)

@@ -51,7 +51,9 @@ def check(e: DictConfig) -> tuple[dict, dict, Layout]:
     heads = config["num_attention_heads"]
     head_dim = config.get("head_dim") or config["hidden_size"] // heads
     if layout.form() is None and (layout.cla_layers() or not e.pad):
-        raise KVShareError(f"{e.checkpoint} ({spec.get('method')}) is not exported: {why_not_servable(layout, head_dim)}")
+        raise KVShareError(
+            f"{e.checkpoint} ({spec.get('method')}) is not exported: {why_not_servable(layout, head_dim)}"
+        )
     return spec, config, layout
 
 
