@@ -22,6 +22,7 @@ checkpoint's convert / finetune run ids and logs nominal and served KV bytes.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from omegaconf import DictConfig
@@ -73,6 +74,7 @@ def run(cfg: DictConfig) -> dict:
                 "method": str(spec.get("method")), "budget": str(spec.get("budget")), "input_run": source}  # fmt: skip
         with atomic_path(e.out) as tmp:
             written = write_gguf(tmp, e.checkpoint, config, layout, e.type, e.pad, pre, meta)
+            os.chmod(tmp, 0o644)  # a model file others may serve (the temporary name is private)
         heads = config["num_attention_heads"]
         head_dim = config.get("head_dim") or config["hidden_size"] // heads
         stored = sum(layout.kv_heads(i) for i in range(len(layout.maps)) if layout.kv_layer[i] == i)

@@ -192,7 +192,8 @@ def write_gguf(path: Path, folder: str | Path, config: dict, layout: Layout, qty
     w = GGUFWriter(str(path), ARCH[form])
     w.add_name(meta.get("name", folder.name))
     for key, value in meta.items():
-        w.add_string(f"kvshare.{key}", value)
+        if key != "name":
+            w.add_string(f"kvshare.{key}", value)
     add_hparams(w, config, counts, form, qtype)
     add_tokenizer(w, folder, config, pre)
     for name, array in gguf_tensors(Tensors(folder), layout, head_dim, pad):
