@@ -174,3 +174,20 @@ def test_deployable_bytes_pad_unequal_groups_and_count_every_layer():
     per_layer = Plan(shape, ((0, 1, 2), (0, 0, 0)), (0, 1), "qcqa-ec")
     assert Layout.of_plan(per_layer).form() == "per-layer"
     assert deployable_kv_bytes_per_token(per_layer) == per_layer.kv_bytes_per_token(2)
+
+
+@pytest.mark.parametrize("name,pad", [("gqa", False), ("per-layer", False), ("unequal", True)])
+def test_llamacpp_computes_what_kvshare_does(base, tmp_path, name, pad):
+    """Only where llama-cpp-python is installed (benchmarks/llamacpp_check.py says how): the real client."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    checkpoint, plan = converted(base, tmp_path, name)
+    out = tmp_path / "model.gguf"
+    run_export(tmp_path, checkpoint, out, "export.type=f32", f"export.pad={str(pad).lower()}")
+    llm = llama_cpp.Llama(model_path=str(out), n_ctx=64, logits_all=True, n_threads=1, verbose=False)
+    x = torch.randint(3, 300, (24,))
+    llm.eval(x.tolist())
+    reference, _ = load_model(checkpoint, dtype=torch.float32)
+    with torch.no_grad():
+        want = torch.log_softmax(reference(x[None]).logits[0].double(), -1)
+    got = torch.log_softmax(torch.from_numpy(np.array(llm.scores[:24])).double(), -1)
+    assert (got - want).abs().max() < 1e-3
