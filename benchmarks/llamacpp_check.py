@@ -91,9 +91,29 @@ def c_stderr():
             log["text"] = f.read()
 
 
+def plain_cpu_kernels() -> None:
+    """Model params with ``use_extra_bufts`` off: on the machine this ran on (a VM whose CPU reports AMX), the CPU
+    backend's weight repacking for Q8_0 (extra buffer types) crashed with a general protection fault, as did a
+    Q8_0 file made by llama.cpp's own quantizer; f16 and f32 were unaffected. The plain kernels are used for all."""
+    import llama_cpp.llama_cpp as lc  # the module whose function Llama() calls
+
+    default = lc.llama_model_default_params
+    if getattr(default, "plain", False):
+        return
+
+    def params():
+        p = default()
+        p.use_extra_bufts = False
+        return p
+
+    params.plain = True
+    lc.llama_model_default_params = params
+
+
 def load_llama(path: Path, n_ctx: int):
     from llama_cpp import Llama
 
+    plain_cpu_kernels()
     with c_stderr() as log:
         llm = Llama(model_path=str(path), n_ctx=n_ctx, n_batch=512, logits_all=True, n_threads=2, verbose=True)
     return llm, log["text"]
@@ -210,6 +230,7 @@ def llama_arch_per_layer(base, work) -> dict:
         ggufio.ARCH.update(saved)
     from llama_cpp import Llama
 
+    plain_cpu_kernels()
     with c_stderr() as log:
         try:
             Llama(model_path=str(out), n_ctx=256, verbose=True)
