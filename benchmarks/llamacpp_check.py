@@ -203,6 +203,44 @@ def check_case(base, work, windows, tok, method, budget, extra, what) -> dict:
     return row
 
 
+def floors(base, work, windows, method: str = "mqa", budget: float = 0.34) -> dict:
+    """Where the f16 differences come from, for one plan: the same comparison with an f32 GGUF and an f32 KV
+    cache (llama.cpp's arithmetic alone), and kvshare's own model with its weights rounded to f16."""
+    from llama_cpp import Llama
+
+    from kvshare.checkpoint import load_model
+
+    ckpt = checkpoint(base, work, method, budget)
+    model, _ = load_model(ckpt, dtype=torch.float32)
+    out = {}
+    for qtype, cache in (("f32", "f32"), ("f32", "f16"), ("f16", "f32")):
+        path = work / f"{method}_{budget}" / f"model.{qtype}.gguf"
+        if not path.exists():
+            stage("export", work, f"export.checkpoint={ckpt}", f"export.out={path}", f"export.type={qtype}",
+                  "export.pad=true")  # fmt: skip
+        plain_cpu_kernels()
+        kind = {"f32": 0, "f16": 1}[cache]  # GGML_TYPE_F32, GGML_TYPE_F16
+        with c_stderr():
+            llm = Llama(model_path=str(path), n_ctx=512, n_batch=512, logits_all=True, n_threads=2, verbose=True,
+                        type_k=kind, type_v=kind)  # fmt: skip
+        out[f"gguf_{qtype}_kv_{cache}"] = logprob_diffs(llm, model, windows)
+        del llm
+    rounded, _ = load_model(ckpt, dtype=torch.float32)
+    with torch.no_grad():
+        for p in rounded.parameters():
+            p.copy_(p.half().float())
+    diffs = []
+    for w in windows:
+        x = torch.from_numpy(w.astype(np.int64))[None]
+        with torch.no_grad():
+            a, b = (torch.log_softmax(m(x).logits[0].double(), -1) for m in (model, rounded))
+        idx = torch.arange(len(w) - 1), torch.from_numpy(w[1:].astype(np.int64))
+        diffs.append((a[idx] - b[idx]).abs().numpy())
+    d = np.concatenate(diffs)
+    out["kvshare_f16_weights"] = {"mean_abs_logprob_diff": float(d.mean()), "max_abs_logprob_diff": float(d.max())}
+    return {"method": method, "budget": budget, **out}
+
+
 def refusals(base, work) -> list[dict]:
     rows = []
     for method, budget in REFUSED:
@@ -249,6 +287,7 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=4)
     ap.add_argument("--window", type=int, default=256)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/llamacpp_check.json"))
+    ap.add_argument("--floors-only", action="store_true", help="add the f16 floors to an existing --out")
     a = ap.parse_args()
     from transformers import AutoTokenizer
 
@@ -256,6 +295,12 @@ def main() -> None:
     torch.set_num_threads(2)
     val = np.fromfile(a.data / "val.bin", dtype=np.uint32)
     windows = np.stack([val[i * a.window : (i + 1) * a.window] for i in range(a.windows)])
+    if a.floors_only:
+        result = json.loads(a.out.read_text())
+        result["floors"] = [floors(a.base, a.work, windows, m, b) for m, b in (("mqa", 0.34), ("gqa", 0.67))]
+        a.out.write_text(json.dumps(result, indent=1) + "\n")
+        print(json.dumps(result["floors"], indent=1))
+        return
     tok = AutoTokenizer.from_pretrained(a.base)
     cases = [check_case(a.base, a.work, windows, tok, *case) for case in CASES]
     result = {"environment": environment("cpu", ("llama_cpp_python", "gguf", "numpy")), "cases": cases,
