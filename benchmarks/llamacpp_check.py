@@ -110,12 +110,13 @@ def plain_cpu_kernels() -> None:
     lc.llama_model_default_params = params
 
 
-def load_llama(path: Path, n_ctx: int):
+def load_llama(path: Path, n_ctx: int, flash_attn: bool = False):
     from llama_cpp import Llama
 
     plain_cpu_kernels()
     with c_stderr() as log:
-        llm = Llama(model_path=str(path), n_ctx=n_ctx, n_batch=512, logits_all=True, n_threads=2, verbose=True)
+        llm = Llama(model_path=str(path), n_ctx=n_ctx, n_batch=512, logits_all=True, n_threads=2, verbose=True,
+                    flash_attn=flash_attn)  # fmt: skip
     return llm, log["text"]
 
 
@@ -170,7 +171,7 @@ def kv_cache(log: str, expected_per_token: int) -> dict:
             "equal": abs(per_token - expected_per_token) <= 0.001 * expected_per_token}  # fmt: skip
 
 
-def check_case(base, work, windows, tok, method, budget, extra, what) -> dict:
+def check_case(base, work, windows, tok, method, budget, extra, what, flash_attn=False, types=("f16", "q8_0")) -> dict:
     from kvshare.checkpoint import load_model, read_config
     from kvshare.serving import Layout
 
@@ -184,14 +185,15 @@ def check_case(base, work, windows, tok, method, budget, extra, what) -> dict:
     row = {"method": method, "budget": budget, "what": what, "kv_heads": counts,
            "nominal_kv_bytes_per_token": bytes_per_head * sum(layout.kv_heads(i) for i in range(len(layout.maps))),
            "served_kv_bytes_per_token": bytes_per_head * sum(counts), "types": {}}  # fmt: skip
-    for qtype in ("f16", "q8_0"):
+    row["flash_attn"] = flash_attn
+    for qtype in types:
         out = work / f"{method}_{budget}" / f"model.{qtype}.gguf"
         p = stage("export", work, f"export.checkpoint={ckpt}", f"export.out={out}", f"export.type={qtype}", *extra)
         if p.returncode:
             row["types"][qtype] = {"export_error": p.stderr.strip()}
             continue
         t0 = time.perf_counter()
-        llm, log = load_llama(out, 2048)
+        llm, log = load_llama(out, 2048, flash_attn)
         arch = re.search(r"general.architecture +str += (\w+)", log)
         r = {"arch": arch[1] if arch else "?", "file_mib": round(out.stat().st_size / 2**20, 1)}
         r["kv_cache"] = kv_cache(log, row["served_kv_bytes_per_token"])
@@ -288,6 +290,7 @@ def main() -> None:
     ap.add_argument("--window", type=int, default=256)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/llamacpp_check.json"))
     ap.add_argument("--floors-only", action="store_true", help="add the f16 floors to an existing --out")
+    ap.add_argument("--flash-attn-only", action="store_true", help="add the per-layer plan under flash attention")
     a = ap.parse_args()
     from transformers import AutoTokenizer
 
@@ -302,6 +305,12 @@ def main() -> None:
         print(json.dumps(result["floors"], indent=1))
         return
     tok = AutoTokenizer.from_pretrained(a.base)
+    if a.flash_attn_only:  # without flash attention llama.cpp pads a per-layer V cache to the largest layer
+        result = json.loads(a.out.read_text())
+        what = "per-layer KV-head counts (deci) under flash attention (V cache not transposed)"
+        result["cases"].append(check_case(a.base, a.work, windows, tok, "qcqa-ec", 0.67, [], what, True, ("f16",)))
+        a.out.write_text(json.dumps(result, indent=1) + "\n")
+        return
     cases = [check_case(a.base, a.work, windows, tok, *case) for case in CASES]
     result = {"environment": environment("cpu", ("llama_cpp_python", "gguf", "numpy")), "cases": cases,
               "refused": refusals(a.base, a.work), "per_layer_as_llama_arch": llama_arch_per_layer(a.base, a.work)}  # fmt: skip
