@@ -117,6 +117,12 @@ def test_dag_leaves_pareto_table_plot_and_a_run_per_job(done):
     assert evaluated["tags.kvshare.input_runs"].str.count(",").ge(1).all()  # search, convert (, finetune) ids
     lines = (results / "pareto.csv").read_text().splitlines()
     assert len(lines) == 1 + 2 * variants
+    import pandas as pd
+
+    table = pd.read_csv(results / "pareto.csv")  # CLA: every layer caches its own K/V in a serving engine
+    cla, base = table[table.method == "cla2"], table[table.method == "base"]
+    assert (cla.deployable_kv_bytes_per_token == 2 * cla.kv_bytes_per_token).all() and not cla.servable.any()
+    assert (base.deployable_kv_bytes_per_token == base.kv_bytes_per_token).all() and base.servable.all()
 
 
 def test_editing_a_stage_reruns_it(workflow_copy, done):
