@@ -10,7 +10,9 @@ per layer, the CLA pattern) is therefore:
 - ``per-layer``: equal groups in each layer, counts that differ between layers,
   no CLA: llama.cpp serves it as its ``deci`` architecture (the Llama graph with
   per-layer ``head_count_kv``; its ``llama`` architecture reads the array but
-  builds every layer with layer 0's count, so it does not load);
+  sizes every layer by layer 0, so it does not load). llama.cpp caches the
+  plan's bytes with flash attention; without it, it pads every layer's V to the
+  widest layer's (benchmarks/results/llamacpp_check.md);
 - neither (unequal groups, or CLA): no engine serves it as planned. Its
   *deployable* form repeats KV heads until each layer's groups are equal (the
   greatest common divisor of its group sizes) and caches K/V in every layer,
