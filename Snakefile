@@ -53,6 +53,7 @@ wildcard_constraints:
     budget="[0-9.]+",
     variant="converted|finetuned",
     layout=methods.LAYOUT_PATTERN,
+    gguf_type="f32|f16|bf16|q8_0",
 
 
 include: "workflow/rules/prepare.smk"
@@ -62,6 +63,7 @@ include: "workflow/rules/convert.smk"
 include: "workflow/rules/finetune.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/pareto.smk"
+include: "workflow/rules/export.smk"
 
 
 onstart:

@@ -117,6 +117,23 @@ def test_dag_leaves_pareto_table_plot_and_a_run_per_job(done):
     assert evaluated["tags.kvshare.input_runs"].str.count(",").ge(1).all()  # search, convert (, finetune) ids
     lines = (results / "pareto.csv").read_text().splitlines()
     assert len(lines) == 1 + 2 * variants
+    import pandas as pd
+
+    table = pd.read_csv(results / "pareto.csv")  # CLA: every layer caches its own K/V in a serving engine
+    cla, base = table[table.method == "cla2"], table[table.method == "base"]
+    assert (cla.deployable_kv_bytes_per_token == 2 * cla.kv_bytes_per_token).all() and not cla.servable.any()
+    assert (base.deployable_kv_bytes_per_token == base.kv_bytes_per_token).all() and base.servable.all()
+
+
+def test_export_rule_writes_a_gguf_and_refuses_cla(workflow_copy, done):
+    """Not a default target: asked for by path. GQA 0.5 of the 8-KV-head tiny model is plain GQA; CLA is refused."""
+    target = "results/tiny/gguf/tiny/gqa/0.5/finetuned.q8_0.gguf"
+    snakemake(workflow_copy, done, "--", target)  # "--": --configfile would take the target as a file
+    assert (done / target).stat().st_size > 0
+    refused = snakemake(workflow_copy, done, "--", "results/tiny/gguf/tiny/cla2/0.5/converted.f16.gguf", check=False)
+    assert refused.returncode and not (done / "results/tiny/gguf/tiny/cla2").exists()
+    log = (done / "logs" / "tiny" / "export" / "tiny_cla2_0.5_converted_f16.log").read_text().strip()
+    assert log.startswith("kvshare export: error:") and "CLA" in log and len(log.splitlines()) == 1
 
 
 def test_editing_a_stage_reruns_it(workflow_copy, done):

@@ -207,3 +207,17 @@ def test_model_without_separable_kv_heads(root):
     attn.k_proj = torch.nn.Identity()  # e.g. a fused QKV projection: no per-head K rows to group
     with pytest.raises(KVShareError, match="separable K/V heads"):
         kv_head_vectors(model)
+
+
+def test_servable_limits_qcqa_to_equal_groups_and_refuses_the_rest(root, tmp_path):
+    from kvshare.serving import Layout
+
+    plan, _ = run(root, tmp_path, "qcqa-ac", 0.6, "search.servable=true")
+    assert Layout.of_plan(plan).form() is not None and plan.meta["servable"] and plan.kv_fraction <= 0.6
+    assert all(len(set(Layout.of_plan(plan).sizes(i))) == 1 for i in range(plan.shape.num_layers))
+    # GQA at a budget between whole equal groups (8 heads -> 3 per layer) has unequal groups: refused, no plan.
+    with pytest.raises(KVShareError, match="unequal groups"):
+        run(root, tmp_path, "gqa", 3 / 8, "search.servable=true")
+    assert not (tmp_path / "gqa.json").exists()
+    with pytest.raises(KVShareError, match="cross-layer"):
+        run(root, tmp_path, "gqa+cla2", 0.5, "search.servable=true")

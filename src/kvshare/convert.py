@@ -11,7 +11,8 @@ layer's attention tensors, never the model: a 7B model converts on a laptop.
 
 A plan with the same number of equal groups in every layer and no cross-layer
 sharing is written as the source's own architecture (Llama, Mistral or Qwen2
-with fewer KV heads: servable as is); any other as ``kvshare_llama``, which
+with fewer KV heads, which transformers loads as is; :mod:`kvshare.export` writes
+it, and per-layer counts, as GGUF for llama.cpp); any other as ``kvshare_llama``, which
 loads with ``AutoModelForCausalLM.from_pretrained(path)`` once
 ``kvshare.modeling`` is imported, or without kvshare through the bundled
 ``modeling_kvshare.py`` and ``trust_remote_code=True``. Either way the folder

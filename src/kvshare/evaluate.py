@@ -22,6 +22,7 @@ from kvshare.cli import entry
 from kvshare.errors import KVShareError
 from kvshare.io import atomic_write_json
 from kvshare.plan import Plan
+from kvshare.serving import Layout, deployable_kv_bytes_per_token
 from kvshare.tracking import stage_run
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -149,6 +150,8 @@ def run(cfg: DictConfig) -> dict:
         metrics |= {
             "kv_fraction": plan.kv_fraction,
             "kv_bytes_per_token": plan.kv_bytes_per_token(2),
+            "deployable_kv_bytes_per_token": deployable_kv_bytes_per_token(plan, 2),
+            "servable": float(Layout.of_plan(plan).form() is not None),
             "cache_bytes_per_token_measured": measured,
             "cache_bytes_per_token_analytic": plan.kv_bytes_per_token(dtype_bytes),
             "wse_total": plan.meta.get("wse_total"),

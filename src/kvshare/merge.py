@@ -11,8 +11,8 @@ attention is a sum over heads, so permuting q_proj's output heads together
 with o_proj's input columns leaves the function unchanged, and it turns equal
 groups into the native GQA layout. A plan with the same number of equal groups
 in every layer and no cross-layer sharing is then written as the source's own
-architecture (Llama, Mistral or Qwen2 with fewer KV heads), which every engine
-loads; any other plan as ``kvshare_llama`` (:mod:`kvshare.modeling`).
+architecture (Llama, Mistral or Qwen2 with fewer KV heads), which transformers
+loads as is (llama.cpp through :mod:`kvshare.export`); any other plan as ``kvshare_llama`` (:mod:`kvshare.modeling`).
 
 :func:`convert_tensors` streams the converted weights from any name → tensor
 reader (a checkpoint on disk, or a model's state dict); :func:`convert_model`

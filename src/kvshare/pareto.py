@@ -5,7 +5,8 @@
 The metrics files written by evaluate name their MLflow runs; this stage reads
 those runs' metrics and tags from the tracking store (so the table is what
 MLflow holds), marks which variants are Pareto-optimal in quality against KV
-bytes per token (separately for converted and fine-tuned models), and writes
+bytes per token (``pareto.x``: the plan's nominal bytes, or the deployable bytes a
+standard engine caches to serve it, :mod:`kvshare.serving`; the table has both) (separately for converted and fine-tuned models), and writes
 ``pareto.csv``, ``pareto.md``, ``pareto_perplexity.png`` and
 ``pareto_accuracy.png`` (zero-shot average), and ``comparisons.md`` (the
 papers' comparisons, see :mod:`kvshare.comparisons`), all also logged
@@ -32,6 +33,8 @@ COLUMNS = {
     "tags.kvshare.variant": "variant",
     "metrics.kv_fraction": "kv_fraction",
     "metrics.kv_bytes_per_token": "kv_bytes_per_token",
+    "metrics.deployable_kv_bytes_per_token": "deployable_kv_bytes_per_token",
+    "metrics.servable": "servable",
     "metrics.perplexity": "perplexity",
     "metrics.kl_to_base": "kl_to_base",
     "metrics.top1_agreement": "top1_agreement",
@@ -39,6 +42,9 @@ COLUMNS = {
     "metrics.zeroshot_avg": "zeroshot_avg",
     "run_id": "evaluate_run_id",
 }
+
+
+XLABEL = {"kv_bytes_per_token": "nominal", "deployable_kv_bytes_per_token": "deployable"}
 
 
 def read_runs(uri: str, run_ids: list[str]):
@@ -54,7 +60,7 @@ def read_runs(uri: str, run_ids: list[str]):
     return df.reindex(columns=list(cols)).rename(columns=cols)
 
 
-def plot(df, quality: str, path: Path, log_y: bool) -> None:
+def plot(df, quality: str, path: Path, log_y: bool, x: str = "kv_bytes_per_token") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -78,13 +84,13 @@ def plot(df, quality: str, path: Path, log_y: bool) -> None:
     for ax, variant in zip(axes[0], variants, strict=True):
         part = df[df.variant == variant]
         for method, pts in part.groupby(labels[part.index]):
-            ax.scatter(pts.kv_bytes_per_token, pts[quality], color=colours[method], s=40)
-        front = part[part[f"front_{quality}"]].sort_values("kv_bytes_per_token")
-        ax.step(front.kv_bytes_per_token, front[quality], where="post", color="k", lw=1, alpha=0.6)
+            ax.scatter(pts[x], pts[quality], color=colours[method], s=40)
+        front = part[part[f"front_{quality}"]].sort_values(x)
+        ax.step(front[x], front[quality], where="post", color="k", lw=1, alpha=0.6)
         ax.set_xscale("log")
         if log_y:
             ax.set_yscale("log")
-        ax.set_xlabel("KV-cache bytes per token (16-bit)")
+        ax.set_xlabel(f"{XLABEL[x]} KV-cache bytes per token (16-bit)")
         ax.set_title(f"{variant}")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel(quality.replace("_", " "))
@@ -102,6 +108,8 @@ def run(cfg: DictConfig) -> dict:
     files = list(p.metrics)
     if not files:
         raise KVShareError("pareto.metrics is empty: give the evaluate stage's JSON files")
+    if p.x not in XLABEL:
+        raise KVShareError(f"pareto.x={p.x!r} is not known; use one of {', '.join(XLABEL)}")
     from kvshare.comparisons import report
     from kvshare.fronts import front_table
 
@@ -110,15 +118,15 @@ def run(cfg: DictConfig) -> dict:
     with stage_run(cfg, "pareto") as mlrun:
         df = read_runs(tracking_uri(cfg), run_ids)
         df = df.sort_values(["model", "variant", "kv_bytes_per_token", "method"]).reset_index(drop=True)
-        df["front_perplexity"] = front_table(df, "kv_bytes_per_token", "perplexity", False, "variant")
-        df["front_kl_to_base"] = front_table(df, "kv_bytes_per_token", "kl_to_base", False, "variant")
-        df["front_zeroshot_avg"] = front_table(df, "kv_bytes_per_token", "zeroshot_avg", True, "variant")
+        df["front_perplexity"] = front_table(df, p.x, "perplexity", False, "variant")
+        df["front_kl_to_base"] = front_table(df, p.x, "kl_to_base", False, "variant")
+        df["front_zeroshot_avg"] = front_table(df, p.x, "zeroshot_avg", True, "variant")
         with atomic_path(out / "pareto.csv") as tmp:
             df.to_csv(tmp, index=False)
         atomic_write_text(out / "pareto.md", df.to_markdown(index=False, floatfmt=".4g") + "\n")
         atomic_write_text(out / "comparisons.md", report(df))
-        plot(df, "perplexity", out / "pareto_perplexity.png", log_y=True)
-        plot(df, "zeroshot_avg", out / "pareto_accuracy.png", log_y=False)
+        plot(df, "perplexity", out / "pareto_perplexity.png", log_y=True, x=p.x)
+        plot(df, "zeroshot_avg", out / "pareto_accuracy.png", log_y=False, x=p.x)
         for name in ("pareto.csv", "pareto.md", "comparisons.md", "pareto_perplexity.png", "pareto_accuracy.png"):
             mlrun.log_artifact(out / name)
         mlrun.log_metrics({"variants": len(df), "on_front": int(df.front_perplexity.sum())})

@@ -14,6 +14,9 @@ Methods (``search.method``), alone or as ``<within>+cla<k>``:
 - ``qcqa-ac`` / ``qcqa-ec``: groupings searched by weight-sharing error, with
   any / equal group sizes, and a choice of which layers stay ungrouped
   (:mod:`kvshare.qcqa`; solvers and proxies are set under ``search:`` in conf);
+- ``search.servable=true``: only plans a serving engine runs as they are (equal
+  groups in every layer, no CLA; :mod:`kvshare.serving`): QCQA searches equal
+  groups (as ``qcqa-ec``), any other method whose plan is not servable is refused;
 - ``cla<k>``: every k adjacent layers share the first one's K/V (CLA); any other
   sharing pattern is ``search.cla_layers=[0,0,2,...]`` (layer i uses layer j's K/V).
 
@@ -47,6 +50,7 @@ from kvshare.families import check_family
 from kvshare.methods import Method, parse_method
 from kvshare.plan import ModelShape, Plan, cla_pattern
 from kvshare.qcqa import NSGASettings, layer_hypervolume
+from kvshare.serving import Layout, check_servable, deployable_kv_bytes_per_token
 from kvshare.tracking import stage_run
 from kvshare.wse import checkpoint_head_vectors, contiguous, pairwise_sq_dists, random_partitions, wse
 
@@ -94,6 +98,11 @@ def check_settings(s: DictConfig) -> Settings:
         raise KVShareError(
             "search.proxy=output and search.proxy_check need calibration tokens: set search.calibration.data_dir "
             "to a folder written by the tokenize stage (kvshare.tokens)"
+        )
+    if s.servable and (method.cla > 1 or s.cla_layers is not None):
+        raise KVShareError(
+            f"search.servable=true and search.method={s.method} (cross-layer sharing): no serving engine shares K/V "
+            "across layers; drop +cla<k> or search.servable"
         )
     seed = s.random_seed if method.seed is None else method.seed
     return Settings(method, budget, stage1, stage2, seed, check)
@@ -190,7 +199,8 @@ def find_groups(dists: list[np.ndarray], max_heads: int, s: DictConfig, settings
     if within in ("qcqa-ac", "qcqa-ec"):
         options = {key: s[key] for key in ("solver", "stage2", "groups", "progress", "workers")}  # search.<key>
         nsga = {"nsga_settings": settings.nsga, "stage2_settings": settings.stage2_nsga}
-        return qcqa.search(dists, max_heads, within == "qcqa-ec", **options, **nsga)
+        equal = within == "qcqa-ec" or bool(s.servable)  # servable: equal groups in every layer
+        return qcqa.search(dists, max_heads, equal, **options, **nsga)
     groups = baseline_groups(within, layers, n, max_heads, settings.seed)
     errors = [wse(d, g) for d, g in zip(dists, groups, strict=True)]
     return qcqa.SearchResult(groups, errors, solver=within, evaluations=len(groups))
@@ -337,6 +347,7 @@ def _log_metrics(mlrun, plan: Plan, result: qcqa.SearchResult) -> None:
     metrics = {
         "kv_fraction": plan.kv_fraction,
         "kv_bytes_per_token": plan.kv_bytes_per_token(2),
+        "deployable_kv_bytes_per_token": deployable_kv_bytes_per_token(plan, 2),
         "wse_total": meta["wse_total"],
         "wse_weight_total": meta["wse_weight_total"],
         "grouped_layers": sum(plan.is_grouped(i) for i in range(plan.shape.num_layers)),
@@ -372,6 +383,9 @@ def run(cfg: DictConfig) -> dict:
             ranked, n_groups = check_proxies(cfg, d, settings.check)
             meta["proxy_check"] = {k: v for k, v in ranked.items() if k != "candidates"} | {"groups": n_groups}
         plan = make_plan(s, d, result, meta)
+        if s.servable:
+            check_servable(plan)
+        meta["servable"] = Layout.of_plan(plan).form() is not None
         meta["wall_seconds"] = time.perf_counter() - t0
         plan.save(s.out)
         log_run(mlrun, plan, s.out, result, d.of_producers(d.searched), ranked)

@@ -39,6 +39,7 @@ PATHS = {
     "pretrained": f"{RESULTS}/pretrained/{{model}}/{{layout}}",
     "plan": f"{RESULTS}/plans/{{model}}/{{method}}/{{budget}}.json",
     "checkpoint": f"{RESULTS}/checkpoints/{{model}}/{{method}}/{{budget}}/{{variant}}",
+    "gguf": f"{RESULTS}/gguf/{{model}}/{{method}}/{{budget}}/{{variant}}.{{gguf_type}}.gguf",
     "metrics": f"{RESULTS}/metrics/{{model}}/{{method}}/{{budget}}/{{variant}}.json",
     "metrics_pretrained": f"{RESULTS}/metrics/{{model}}/pretrained/{{layout}}.json",
     "log": f"{LOGS}/{{rule}}/{{name}}.log",
@@ -54,7 +55,7 @@ PARETO = [
 def path(key, **fixed):
     """PATHS[key] with some wildcards filled in (the others stay wildcards)."""
     return PATHS[key].format_map({**{w: f"{{{w}}}" for w in ("model", "data", "layout", "method", "budget",
-                                                              "variant", "rule", "name")}, **fixed})  # fmt: skip
+                                                              "variant", "gguf_type", "rule", "name")}, **fixed})  # fmt: skip
 
 
 def base_model(wildcards):
