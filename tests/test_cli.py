@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from kvshare import convert, evaluate, search
+from kvshare import convert, evaluate, prepare, search
 from kvshare.checkpoint import save_model
 from kvshare.plan import ModelShape, Plan
 from tests.builders import tiny_llama
@@ -63,6 +63,13 @@ def test_missing_model_dir(tmp_path, monkeypatch, capsys):
         f"search.out={out}",
     )
     assert f"{tmp_path}/none" in err and not out.exists()
+
+
+def test_a_required_value_left_unset_is_named(tmp_path, monkeypatch, capsys):
+    # conf/model/hf.yaml has `path: ???`: read only when the stage runs, after the up-front compose.
+    out = tmp_path / "model"
+    err = run_stage(prepare, monkeypatch, capsys, tmp_path, "model=hf", f"prepare.out={out}")
+    assert "model.path is required" in err and not out.exists()
 
 
 def plan_file(tmp_path, name, content):

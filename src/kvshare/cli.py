@@ -18,6 +18,7 @@ from pathlib import Path
 import hydra
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
+from omegaconf.errors import MissingMandatoryValue
 
 from kvshare.errors import KVShareError
 
@@ -54,6 +55,8 @@ def entry(stage: str, run: Callable[[DictConfig], object]) -> Callable[[], None]
             run(cfg)
         except KVShareError as e:
             fail(stage, str(e))
+        except MissingMandatoryValue as e:  # a `???` in conf/ that the command did not set, read where it is used
+            fail(stage, f"{e.full_key} is required and not set: add {e.full_key}=... to the command")
 
     def main() -> None:
         # Keep stderr for what matters: weight-loading bars are noise here (read when transformers is imported).
