@@ -169,10 +169,10 @@ class SharedKVAttention(nn.Module):
         # "pad" (the default, above) or "gather": copy each query head's K/V head before attention (slower; a reference).
         self.kv_layout = "pad"
         self._buckets = _size_buckets(q_to_kv)
+        self._bucket_lists = _bucket_indices(self._buckets)
         # The decode step's attention: "sdpa" (torch picks the kernel), or "matmul" (two batched matmuls and a
         # float32 softmax, which torch.compile fuses; a decode-shaped alternative to compare on a given GPU).
         self.decode_attention = "sdpa"
-        self._unorder = _bucket_indices(self._buckets).get("unorder")
         # Index tensors made here, on the CPU, and remade wherever the module moves (_apply), so that no forward
         # creates one: a compiled graph that made its own would differ from the one that reads it, and a
         # recomputed checkpointed layer would save other tensors than its forward did. Not buffers:
@@ -256,8 +256,8 @@ class SharedKVAttention(nn.Module):
                 )
             )
         out = outs[0] if len(outs) == 1 else torch.cat(outs, 1)
-        if self._unorder is not None:
-            out = out.index_select(1, self._indices("unorder", self._unorder, out.device))
+        if "unorder" in self._bucket_lists:
+            out = out.index_select(1, self._indices("unorder", self._bucket_lists["unorder"], out.device))
         return out.transpose(1, 2)
 
     def _attend(self, query, key, value, attention_mask, impl, kwargs):
@@ -299,7 +299,7 @@ class SharedKVAttention(nn.Module):
 
     def _make_indices(self, device) -> dict[str, torch.Tensor]:
         lists = {} if self._slots is None else {"gather": self._q_to_kv, "slots": self._slots, "unslots": self._unslots}
-        lists |= _bucket_indices(self._buckets)
+        lists |= self._bucket_lists
         index = {name: torch.tensor(values, device=device) for name, values in lists.items()}
         if not torch.compiler.is_compiling():
             for t in index.values():  # fixed addresses: a CUDA graph reads them in place instead of copying them in
