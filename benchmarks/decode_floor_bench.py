@@ -57,7 +57,13 @@ sys.path.insert(0, str(Path(__file__).parent))
 import decode_bench as db  # noqa: E402
 import machine  # noqa: E402
 
-from kvshare.decode import compile_for_decode, floor_seconds, kv_bytes_per_token, static_cache  # noqa: E402
+from kvshare.decode import (  # noqa: E402
+    GraphDecoder,
+    compile_for_decode,
+    floor_seconds,
+    kv_bytes_per_token,
+    static_cache,
+)
 from kvshare.io import atomic_write_json, atomic_write_text  # noqa: E402
 from kvshare.merge import convert_model  # noqa: E402
 from kvshare.plan import ModelShape, Plan, cla_pattern  # noqa: E402
@@ -141,7 +147,11 @@ def build_models(shape_name, dims, variants, device, dtype, args) -> dict:
         backend = (
             dict(backend="eager", mode=None, all_devices=True) if args.smoke else dict(backend=args.backend, mode=mode)
         )
-        models[v] = compile_for_decode(model.to(device), attention=args.decode_attention, **backend)
+        model = model.to(device)
+        if v == "hf-static" or args.decoder == "generate":
+            models[v] = compile_for_decode(model, attention=args.decode_attention, **backend)
+        else:
+            models[v] = model
         models[v].kvshare_plan = plans["gqa" if v == "hf-static" else v]
     del base
     free(device)
@@ -209,11 +219,35 @@ def max_batch(model, args) -> int:
     return max(1, int(room / (cache_seq + work_seq)))
 
 
+def uses_graph(model, args) -> bool:
+    return args.decoder == "graph" and type(model).__name__ == "KVShareLlamaForCausalLM"
+
+
 def warm_up(model, batch, args, device):
-    """The cell's cache, after a first run that compiles the decode step and records its CUDA graphs."""
+    """The cell's cache (the graph path: its GraphDecoder), after a first run that compiles the decode step and
+    records its CUDA graphs."""
+    if uses_graph(model, args):
+        backend = None if args.smoke else "inductor"
+        decoder = GraphDecoder(model, batch, args.prompt + args.new - 1, attention=args.decode_attention,
+                               backend=backend, gemv=args.gemv)  # fmt: skip
+        decoder.warm_up()
+        graph_run(decoder, batch, args.prompt, min(args.new, 8), 0, device)
+        return decoder
     cache = static_cache(model, batch, args.prompt + args.new - 1)
     decode_run(model, cache, batch, args.prompt, min(args.new, 8), 0, device)
     return cache
+
+
+def graph_run(decoder, batch, prompt, new, seed, device) -> float:
+    """``new`` steps of a GraphDecoder from a cache holding prompt − 1 tokens (as allocated: a step reads the same
+    bytes whatever they hold); the mean step in seconds (the steps run back to back: no per-step clock)."""
+    ids = torch.randint(3, decoder.model.config.vocab_size, (batch, 1), generator=torch.Generator().manual_seed(seed))
+    decoder.start(ids.to(device), prompt - 1)
+    sync(device)
+    t0 = time.perf_counter()
+    decoder.decode(new)
+    sync(device)
+    return (time.perf_counter() - t0) / new
 
 
 def time_decode(models, batch, args, device, record, phase="decode", ready=None) -> None:
@@ -231,16 +265,21 @@ def time_decode(models, batch, args, device, record, phase="decode", ready=None)
         except Exception as e:  # an OOM or a failure is a cell too (a miss)
             record(v, phase, batch, {"batch": batch, "error": error_text(e)})
             free(device)
-    runs = {
-        v: lambda rep, v=v: decode_run(models[v], caches[v], batch, args.prompt, args.new, rep, device) for v in caches
-    }
+
+    def run(v, rep):
+        go = graph_run if isinstance(caches[v], GraphDecoder) else lambda *a: decode_run(models[v], *a)
+        return go(caches[v], batch, args.prompt, args.new, rep, device)
+
+    runs = {v: lambda rep, v=v: run(v, rep) for v in caches}
     steps = alternate(runs, args.reps, lambda v, e: record(v, phase, batch, {"batch": batch, "error": error_text(e)}))
     for v, s in steps.items():
         f = facts(models[v], batch, args)
         step = statistics.median(s)
         rec = f | dict(batch=batch, step_ms=1e3 * step, step_ms_reps=[1e3 * x for x in s], warmup_s=warm[v])
         rec.update(tok_s=batch / step, fraction_of_floor=f["floor_ms"] / (1e3 * step))
-        rec["cache_bytes_exact"] = cache_bytes_exact(caches[v], models[v], batch, args)
+        cache = caches[v].cache if isinstance(caches[v], GraphDecoder) else caches[v]
+        rec["cache_bytes_exact"] = cache_bytes_exact(cache, models[v], batch, args)
+
         record(v, phase, batch, rec)
     caches.clear()
     free(device)
@@ -307,13 +346,33 @@ def time_max(model, variant, args, device, record) -> None:
     time_decode({variant: model}, b, args, device, record, phase="max", ready=ready)
 
 
-def cell_key(shape, variant, phase, batch) -> str:
-    return f"{shape}|{variant}|{phase}|{batch}"
+def path_of(variant: str, phase: str, args) -> str:
+    """How a cell decodes: "graph/<attention>/<gemv>" (kvshare.decode.GraphDecoder) or "generate/<attention>"
+    (compiled generate; transformers' own attention for hf-static); prefill is the model's eager forward."""
+    if phase == "prefill":
+        return "forward"
+    if variant == "hf-static":
+        return "generate/hf"
+    if args.decoder == "graph":
+        return f"graph/{args.decode_attention}/{args.gemv}"
+    return f"generate/{args.decode_attention}"
+
+
+def cell_key(shape, variant, phase, batch, path) -> str:
+    return f"{shape}|{variant}|{phase}|{batch}|{path}"
 
 
 def load(out: Path) -> dict:
     path = out / "decode_floor.json"
-    return json.loads(path.read_text()) if path.exists() else {"cells": {}, "machines": {}}
+    data = json.loads(path.read_text()) if path.exists() else {"cells": {}, "machines": {}}
+    for key, rec in list(data["cells"].items()):  # cells of 2026-12-02, before paths: compiled generate
+        if "path" not in rec:
+            rec["variant"] = rec["variant"].split()[0]
+            args = argparse.Namespace(decoder="generate", decode_attention=rec.get("decode_attention", "sdpa"))
+            rec["path"] = path_of(rec["variant"], rec["phase"], args)
+            del data["cells"][key]
+            data["cells"][cell_key(rec["shape"], rec["variant"], rec["phase"], rec.get("batch"), rec["path"])] = rec
+    return data
 
 
 def save(data: dict, out: Path) -> None:
@@ -331,13 +390,12 @@ def run_piece(args, device, dtype, data, out) -> None:
         variants = [v for v in (args.variants or ",".join(VARIANTS)).split(",") if v]
 
         def record(variant, phase, batch, rec, shape=shape):
-            if args.decode_attention != "sdpa" and variant != "hf-static" and phase != "prefill":
-                variant = f"{variant} ({args.decode_attention})"  # a cell of its own
-            rec |= dict(shape=shape, variant=variant, phase=phase, machine=env_id, command=env["argv"])
+            path = path_of(variant, phase, args)
+            rec |= dict(shape=shape, variant=variant, phase=phase, path=path, machine=env_id, command=env["argv"])
             rec |= dict(prompt=args.prompt, new=args.new, reps=args.reps, backend=args.backend, dtype=str(dtype))
             rec["decode_attention"] = args.decode_attention
             rec["when"] = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
-            data["cells"][cell_key(shape, variant, phase, batch)] = rec
+            data["cells"][cell_key(shape, variant, phase, batch, path)] = rec
             save(data, out)
             print(summary(rec), flush=True)
 
@@ -372,59 +430,60 @@ def summary(rec: dict) -> str:
             f"{rec['tok_s']:.0f} tok/s, warm-up {rec['warmup_s']:.0f} s")  # fmt: skip
 
 
-HEAD = ["shape", "variant", "phase", "batch", "KV heads", "KV B/token", "step ms", "floor ms", "of floor", "tok/s",
+HEAD = ["shape", "variant", "path", "phase", "batch", "KV heads", "KV B/token", "step ms", "floor ms", "of floor", "tok/s",
         "× gqa", "× gqa by floor", "warm-up s", "cache exact", "cmd"]  # fmt: skip
 
 
 def table_row(r: dict, base: dict | None, cmd: int) -> str:
     """One cell; ``base``: gqa's cell to compare with (same shape, phase and batch; max: gqa's largest batch)."""
-    row = [r["shape"], r["variant"], r["phase"], str(r.get("batch"))] + [""] * (len(HEAD) - 5) + [f"[{cmd}]"]
+    row = [r["shape"], r["variant"], r["path"], r["phase"], str(r.get("batch"))] + [""] * (len(HEAD) - 6)
+    row.append(f"[{cmd}]")
     if "error" in r:
-        row[4] = f"miss: {r['error']}"
+        row[5] = f"miss: {r['error']}"
         return "| " + " | ".join(row) + " |"
-    row[9] = f"{r['tok_s']:.0f}"
+    row[10] = f"{r['tok_s']:.0f}"
     if base:
-        row[10] = f"{r['tok_s'] / base['tok_s']:.3f}"
+        row[11] = f"{r['tok_s'] / base['tok_s']:.3f}"
     if r["phase"] == "prefill":  # batch × prompt tokens; "step ms" holds the prefill's time
-        row[2], row[6] = f"prefill ×{r['prompt']}", f"{1e3 * r['prefill_s']:.1f}"
+        row[3], row[7] = f"prefill ×{r['prompt']}", f"{1e3 * r['prefill_s']:.1f}"
         return "| " + " | ".join(row) + " |"
-    row[4:9] = [str(r["stored_kv_heads"]), str(r["kv_bytes_per_token"]), f"{r['step_ms']:.4g}", f"{r['floor_ms']:.4g}",
-                f"{r['fraction_of_floor']:.2f}"]  # fmt: skip
+    row[5:10] = [str(r["stored_kv_heads"]), str(r["kv_bytes_per_token"]), f"{r['step_ms']:.4g}",
+                 f"{r['floor_ms']:.4g}", f"{r['fraction_of_floor']:.2f}"]  # fmt: skip
     if base:  # what the floor predicts: floor tokens/s over gqa's
-        row[11] = f"{(r['batch'] / r['floor_ms']) / (base['batch'] / base['floor_ms']):.3f}"
-    row[12:14] = [f"{r['warmup_s']:.0f}", str(r["cache_bytes_exact"])]
+        row[12] = f"{(r['batch'] / r['floor_ms']) / (base['batch'] / base['floor_ms']):.3f}"
+    row[13:15] = [f"{r['warmup_s']:.0f}", str(r["cache_bytes_exact"])]
     return "| " + " | ".join(row) + " |"
 
 
 def targets(cells: list[dict], gqa: dict) -> list[str]:
-    """The issue's targets, each as met or not from the cells measured (sdpa decode attention)."""
+    """The issue's targets, each as met or not from the cells measured, path by path. ``gqa``: (shape, phase,
+    batch, path) → gqa's cell."""
     lines = ["", "## Targets", ""]
     for r in cells:
-        if "error" in r or "(" in r["variant"]:
+        if "error" in r or r["variant"] == "hf-static":
             continue
-        key, base = (r["shape"], r["phase"], r.get("batch")), gqa.get((r["shape"], r["phase"], r.get("batch")))
-        if r["phase"] == "decode" and r["batch"] in (1, 32) and r["variant"] != "hf-static":
+        key = (r["shape"], r["phase"], r.get("batch"), r["path"])
+        where, base = f"{r['shape']} {r['variant']} [{r['path']}]", gqa.get(key)
+        if r["phase"] == "decode" and r["batch"] in (1, 32):
             ok = r["fraction_of_floor"] >= 0.80
-            lines.append(f"- {'met' if ok else 'MISSED'}: {r['shape']} {r['variant']} B={r['batch']} at "
-                         f"{r['fraction_of_floor']:.2f} of its floor (target ≥ 0.80)")  # fmt: skip
+            lines.append(f"- {'met' if ok else 'MISSED'}: {where} B={r['batch']} at {r['fraction_of_floor']:.2f} of "
+                         "its floor (target ≥ 0.80)")  # fmt: skip
         if r["variant"] == "qcqa-ac" and base and r["phase"] in ("decode", "prefill"):
             ratio, want = r["tok_s"] / base["tok_s"], 0.95 if r["phase"] == "decode" else 0.97
-            lines.append(f"- {'met' if ratio >= want else 'MISSED'}: {' '.join(map(str, key))} qcqa-ac / gqa "
-                         f"tokens/s {ratio:.3f} (target ≥ {want})")  # fmt: skip
-        top = gqa.get((r["shape"], "max", r.get("batch"))) or next(
-            (g for (shape, phase, _), g in gqa.items() if shape == r["shape"] and phase == "max"), None
-        )
+            lines.append(f"- {'met' if ratio >= want else 'MISSED'}: {where} {r['phase']} B={r['batch']}: "
+                         f"{ratio:.3f}× gqa's tokens/s (target ≥ {want})")  # fmt: skip
+        top = next((g for k, g in gqa.items() if (k[0], k[1], k[3]) == (r["shape"], "max", r["path"])), None)
         if r["phase"] == "max" and top and r["variant"] != "gqa":
             by_floor = (r["batch"] / r["floor_ms"]) / (top["batch"] / top["floor_ms"])
-            lines.append(f"- {r['shape']} largest batch, {r['variant']} (B={r['batch']}): {r['tok_s'] / top['tok_s']:.2f}× "
-                         f"gqa's tokens/s (B={top['batch']}); the floor predicts {by_floor:.2f}×")  # fmt: skip
+            lines.append(f"- {where} at its largest batch (B={r['batch']}): {r['tok_s'] / top['tok_s']:.2f}× gqa's "
+                         f"tokens/s (B={top['batch']}); the floor predicts {by_floor:.2f}×")  # fmt: skip
     return lines
 
 
 def report(data: dict) -> str:
     phases, names = ("decode", "max", "prefill"), list(VARIANTS)
     cells = sorted(data["cells"].values(), key=lambda r: (r["shape"], phases.index(r["phase"]), r.get("batch") or 0,
-                                                          names.index(r["variant"].split()[0]), r["variant"]))  # fmt: skip
+                                                          r["path"], names.index(r["variant"])))  # fmt: skip
     commands = sorted({r["command"] for r in cells})
     lines = ["# Decode at the memory-bandwidth bound (issue 15)", "", "Machines:", ""]
     for name, env in data["machines"].items():
@@ -432,16 +491,23 @@ def report(data: dict) -> str:
                      f"{env['torch']} (CUDA {env.get('cuda')}), transformers {env['transformers']}, "
                      f"Python {env['python']}, {env['cpus']} CPUs")  # fmt: skip
     lines += ["", f"Floor: (weight bytes + batch × context × KV bytes per token) / {BANDWIDTH:.2g} B/s, context = "
-              "prompt + new / 2. Decode: greedy generate() from a static cache holding prompt − 1 tokens, the decode "
-              "step compiled (kvshare.decode.compile_for_decode), median over reps (variants alternating) of each "
-              "run's median step. × gqa: tokens/s over gqa's in the same shape, phase and batch (max: each at its "
-              "own largest batch); × gqa by floor: the same ratio of floor tokens/s. Prefill: batch × prompt tokens "
-              "into an empty static cache, eager. Random bf16 weights: speed depends on shapes only.", ""]  # fmt: skip
+              "prompt + new / 2. Paths: `graph/<attention>/<gemv>` is kvshare.decode.GraphDecoder (CUDA graphs of "
+              "whole steps replayed back to back; step = the run's time over its steps); `generate/<attention>` is "
+              "generate() with a static cache and the decode step compiled (kvshare.decode.compile_for_decode; "
+              "step = the median of the run's steps), `generate/hf` the same for the plain GQA export on "
+              "transformers' StaticCache; each from a cache holding prompt − 1 tokens, the median over reps with "
+              "the variants alternating. × gqa: tokens/s over gqa's in the same shape, path, phase and batch (max: "
+              "each at its own largest batch); × gqa by floor: the same ratio of floor tokens/s. Prefill: batch × "
+              "prompt tokens into an empty static cache, eager. Random bf16 weights: speed depends on shapes "
+              "only.", ""]  # fmt: skip
     lines += ["| " + " | ".join(HEAD) + " |", "|" + "---|" * len(HEAD)]
-    gqa = {(r["shape"], r["phase"], r.get("batch")): r for r in cells if r["variant"] == "gqa" and "error" not in r}
-    gqa_max = {shape: r for (shape, phase, _), r in gqa.items() if phase == "max"}
+    gqa = {(r["shape"], r["phase"], r.get("batch"), r["path"]): r for r in cells
+           if r["variant"] == "gqa" and "error" not in r}  # fmt: skip
     for r in cells:
-        base = gqa_max.get(r["shape"]) if r["phase"] == "max" else gqa.get((r["shape"], r["phase"], r.get("batch")))
+        top = [g for k, g in gqa.items() if (k[0], k[1], k[3]) == (r["shape"], "max", r["path"])]
+        base = (
+            (top or [None])[0] if r["phase"] == "max" else gqa.get((r["shape"], r["phase"], r.get("batch"), r["path"]))
+        )
         lines.append(table_row(r, base, commands.index(r["command"]) + 1))
     lines += targets(cells, gqa)
     lines += ["", "Commands (PYTHONPATH=src, from the repository root):", ""]
@@ -469,8 +535,20 @@ def main() -> None:
         help="torch.compile backend of the decode step (inductor with "
         "reduce-overhead; cudagraphs: CUDA graphs of the traced step without inductor, faster to compile)",
     )
-    ap.add_argument("--decode-attention", choices=["sdpa", "matmul"], default="sdpa",
-                    help="kvshare models' decode attention (kvshare.decode.compile_for_decode's attention)")  # fmt: skip
+    ap.add_argument(
+        "--decoder",
+        choices=["graph", "generate"],
+        default="graph",
+        help="kvshare models' decode path: kvshare.decode.GraphDecoder, or compiled generate()",
+    )
+    ap.add_argument(
+        "--decode-attention",
+        choices=["flex", "sdpa", "matmul"],
+        default="flex",
+        help="kvshare models' decode attention (flex: the graph path only)",
+    )
+    ap.add_argument("--gemv", choices=["cublas", "triton"], default="cublas",
+                    help="the graph path's matrix products (kvshare.gemv's Triton kernel up to 64 rows)")  # fmt: skip
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU, every phase, in well under a minute")
     ap.add_argument("--report", action="store_true", help="only rewrite the markdown from <out>/decode_floor.json")

@@ -8,7 +8,7 @@ import torch
 import torch._dynamo
 
 import kvshare.modeling as modeling
-from kvshare.decode import compile_for_decode, floor_seconds, kv_bytes_per_token, static_cache
+from kvshare.decode import GraphDecoder, compile_for_decode, floor_seconds, kv_bytes_per_token, static_cache
 from kvshare.merge import convert_model
 from kvshare.plan import ModelShape
 from tests.builders import tiny_llama
@@ -171,3 +171,54 @@ def test_bf16_compiled_decode_is_within_rounding_of_the_reference(base, method):
         if not torch.equal(out.sequences[:, 7 + step], expected.sequences[:, 7 + step]):
             assert (top2[:, 0] - top2[:, 1]).min() <= 1e-2  # a near-tie, decided by rounding
             break
+
+
+@pytest.mark.parametrize("attention", ["flex", "sdpa", "matmul"])
+@pytest.mark.parametrize("method", METHODS)
+@torch.no_grad()
+def test_graph_decoder_equals_reference(base, method, attention):
+    """GraphDecoder (the fused, per-layer-compiled step; no CUDA graph on the CPU) generates the reference path's
+    tokens, its step's logits equal the reference's, and its cache holds exactly the plan's K/V bytes."""
+    plan = plans(ModelShape.of(base.config))[method]
+    ref = reference(base, plan)
+    x, new = tokens(batch=2, length=7), 6
+    expected = greedy(ref, x, new)
+    decoder = GraphDecoder(convert_model(base, plan), 2, x.shape[1] + new - 1, attention=attention, backend="eager")
+    assert torch.equal(decoder.generate(x, new), expected.sequences)
+    cached = x.shape[1] + new - 1
+    assert decoder.cache.length == cached
+    assert modeling.cache_bytes(decoder.cache) == 2 * cached * plan.kv_bytes_per_token(dtype_bytes=4)
+    # The last step again, from the same cache: its logits against the reference's last ones.
+    pos = torch.tensor([cached - 1])
+    logits = decoder.step(expected.sequences[:, cached - 1 : cached], pos)
+    assert (logits - expected.logits[-1]).abs().max() <= 1e-5
+
+
+@torch.no_grad()
+def test_graph_decoder_cuts_after_eos_as_generate_does(base):
+    plan = plans(ModelShape.of(base.config))["qcqa-ac"]
+    x, new = tokens(batch=2, length=7), 6
+    model = convert_model(base, plan)
+    free_run = greedy(model, x, new).sequences
+    eos = int(free_run[0, 8])  # the first row's second new token ends it
+    expected = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=new, do_sample=False,
+                              eos_token_id=eos, pad_token_id=0)  # fmt: skip
+    decoder = GraphDecoder(model, 2, x.shape[1] + new - 1, backend=None)
+    assert torch.equal(decoder.generate(x, new, eos_token_id=eos, pad_token_id=0), expected)
+
+
+@torch.no_grad()
+def test_graph_decoder_names_what_does_not_fit(base):
+    model = convert_model(base, plans(ModelShape.of(base.config))["gqa"])
+    decoder = GraphDecoder(model, 2, 9, backend=None)
+    with pytest.raises(ValueError, match=r"max_cache_len=9, .* 7 \+ 4 tokens.* max_cache_len >= 10"):
+        decoder.generate(tokens(batch=2, length=7), 4)
+    with pytest.raises(ValueError, match=r"batch_size=2 .*batch of 3"):
+        decoder.generate(tokens(batch=3, length=7), 2)
+    decoder.start(torch.zeros(2, 1, dtype=torch.long), 8)
+    with pytest.raises(ValueError, match=r"2 steps from position 8 .* max_cache_len >= 10"):
+        decoder.decode(2)
+    with pytest.raises(ValueError, match="attention='flash' is not one of"):
+        GraphDecoder(model, 2, 9, attention="flash")
+    with pytest.raises(TypeError, match="needs a kvshare model, got model_type='llama'"):
+        GraphDecoder(base, 2, 9)

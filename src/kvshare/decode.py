@@ -17,6 +17,9 @@ and plain Llama-family models (transformers' ``StaticCache``).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import NamedTuple
+
 
 def compile_for_decode(
     model, backend: str = "inductor", mode: str | None = "reduce-overhead", all_devices=False, attention=None
@@ -65,3 +68,297 @@ def kv_bytes_per_token(config, dtype_bytes: int) -> int:
 def floor_seconds(weight_bytes: int, kv_per_token: int, batch: int, context: int, bandwidth: float) -> float:
     """The memory-bound floor of one decode step: every weight and every cached K/V read once."""
     return (weight_bytes + batch * context * kv_per_token) / bandwidth
+
+
+class LayerSpec(NamedTuple):
+    """What a decode layer's kernels depend on besides its tensors: layers alike in these share one compile."""
+
+    stores: bool  # writes its own K/V (else reads an earlier layer's: CLA)
+    n_kv: int
+    gmax: int  # query rows per KV head (the largest group; smaller ones padded)
+    head_dim: int
+    scaling: float
+    eps: float
+    qkv_sizes: tuple[int, ...]
+    act: Callable
+    attention: str
+    linear: Callable
+
+
+def _fuse(linears) -> tuple:
+    """Linear layers that read one input as one weight (and bias), their rows in order: one matrix product per
+    step instead of one per layer. The layers' parameters become views of it, so fusing costs no memory and
+    the model computes exactly as before."""
+    import torch
+    from torch import nn
+
+    weight = torch.cat([m.weight.detach() for m in linears])
+    bias = None if linears[0].bias is None else torch.cat([m.bias.detach() for m in linears])
+    start = 0
+    for m in linears:
+        n = m.weight.shape[0]
+        m.weight = nn.Parameter(weight[start : start + n], requires_grad=False)
+        if bias is not None:
+            m.bias = nn.Parameter(bias[start : start + n], requires_grad=False)
+        start += n
+    return weight, bias
+
+
+def _rms_norm(x, weight, eps):
+    """transformers' LlamaRMSNorm."""
+    import torch
+
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+def _decode_attention(rows, keys, values, pos, spec: LayerSpec):
+    """One token's query rows per KV head [batch, n_kv, gmax, d] over the whole cache, positions after ``pos``
+    masked, each KV head read once."""
+    import torch
+    import torch.nn.functional as F
+
+    from kvshare.modeling import _matmul_attention
+
+    if spec.attention == "flex":
+        from torch.nn.attention.flex_attention import flex_attention
+
+        def up_to_pos(score, b, h, q, kv):
+            return torch.where(kv <= pos[0], score, -float("inf"))
+
+        return flex_attention(rows, keys, values, score_mod=up_to_pos, scale=spec.scaling)
+    valid = (torch.arange(keys.shape[2], device=keys.device) <= pos).view(1, 1, 1, -1)
+    if spec.attention == "matmul":
+        return _matmul_attention(rows, keys, values, valid, spec.scaling)
+    return F.scaled_dot_product_attention(rows, keys, values, attn_mask=valid, scale=spec.scaling)
+
+
+def _decode_layer(x, pos, cos, sin, keys, values, w: tuple, spec: LayerSpec):
+    """One decoder layer for one token per sequence, x [batch, 1, hidden]; writes the layer's K/V at ``pos``.
+    ``w``: input norm, fused q/k/v weight and bias, query slot and unslot indices (unequal groups; else None),
+    o weight and bias, post-attention norm, fused gate/up weight and bias, down weight and bias."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    ln1, qkv_w, qkv_b, slots, unslots, o_w, o_b, ln2, gu_w, gu_b, down_w, down_b = w
+    batch, d = x.shape[0], spec.head_dim
+    parts = spec.linear(_rms_norm(x, ln1, spec.eps), qkv_w, qkv_b).split(spec.qkv_sizes, -1)
+    query = parts[0].view(batch, 1, -1, d).transpose(1, 2)
+    if spec.stores:
+        key, value = (p.view(batch, 1, -1, d).transpose(1, 2) for p in parts[1:])
+        query, key = apply_rotary_pos_emb(query, key, cos, sin)
+        keys.index_copy_(2, pos, key)
+        values.index_copy_(2, pos, value)
+    else:
+        query = apply_rotary_pos_emb(query, query, cos, sin)[0]
+    if slots is not None:
+        query = query.index_select(1, slots)
+    out = _decode_attention(query.reshape(batch, spec.n_kv, spec.gmax, d), keys, values, pos, spec)
+    out = out.reshape(batch, -1, d)
+    if unslots is not None:
+        out = out.index_select(1, unslots)
+    x = x + spec.linear(out.reshape(batch, 1, -1), o_w, o_b)
+    gate, up = spec.linear(_rms_norm(x, ln2, spec.eps), gu_w, gu_b).chunk(2, -1)
+    return x + spec.linear(spec.act(gate) * up, down_w, down_b)
+
+
+class GraphDecoder:
+    """Greedy decoding of a kvshare model at the memory-bandwidth bound: each decode step is a fixed sequence of
+    kernels replayed from a CUDA graph, several steps per graph, with no Python work and no device sync per token.
+
+        decoder = GraphDecoder(model, batch_size=8, max_cache_len=prompt + new)   # once: fuses, compiles, captures
+        out = decoder.generate(ids, max_new_tokens=new)                           # as generate(do_sample=False)
+
+    The prefill is the model's own forward into a :class:`kvshare.modeling.KVShareStaticCache` (``decoder.cache``:
+    exactly the plan's K/V bytes). A decode step reads the model's weights and that cache as they are: q/k/v and
+    gate/up projections fused into one product each (:func:`_fuse`); each KV head's query heads, unequal groups
+    padded to the largest, are the query rows of one attention over its cached K/V, so every KV head is read
+    once (``attention``: "flex", torch's FlexAttention, whose decode kernel splits the context across the GPU;
+    "sdpa" or "matmul" as in kvshare.modeling); a CLA layer reads its producer's entry. The position is a device
+    tensor the graph advances, and each step writes its token into a device buffer.
+
+    Each layer is compiled on its own (``backend``; None runs eagerly), so layers alike share one compile. The
+    model stays a transformers model (``generate`` still works); build the decoder after moving the model to its
+    device, since the graphs hold the addresses of its weights. Off CUDA (tests) the steps run without a graph.
+    ``gemv`` ("cublas" or "triton": kvshare.gemv's kernel for up to 64 rows) picks the decode step's matrix
+    products on CUDA.
+    """
+
+    def __init__(self, model, batch_size, max_cache_len, attention="flex", steps_per_graph=8, backend="inductor",
+                 gemv="cublas"):  # fmt: skip
+        import torch
+        import torch.nn.functional as F
+
+        from kvshare.modeling import KVShareLlamaConfig, KVShareStaticCache
+
+        if not isinstance(model.config, KVShareLlamaConfig):
+            raise TypeError(
+                f"GraphDecoder needs a kvshare model, got model_type={model.config.model_type!r}: "
+                "convert it with kvshare.merge.convert_model, or use compile_for_decode with generate"
+            )
+        if attention not in ("flex", "sdpa", "matmul"):
+            raise ValueError(f"attention={attention!r} is not one of flex, sdpa, matmul")
+        if gemv not in ("cublas", "triton"):
+            raise ValueError(f"gemv={gemv!r} is not one of cublas, triton")
+        self.model, self.steps_per_graph, self.device = model, steps_per_graph, model.device
+        self.cache = KVShareStaticCache(model.config, max_cache_len, batch_size, model.dtype, self.device)
+        linear = F.linear
+        if gemv == "triton" and self.device.type == "cuda":
+            from kvshare.gemv import linear
+        self.layers = [self._layer_inputs(layer, attention, linear) for layer in model.model.layers]
+        self.linear = linear
+        long = dict(dtype=torch.long, device=self.device)
+        self.tokens = torch.zeros(batch_size, 1, **long)  # the token each step feeds
+        self.pos = torch.zeros(1, **long)  # its position
+        self.seq = torch.zeros(batch_size, max_cache_len + 1, **long)  # every token, by position
+        compiled = dict(backend=backend, fullgraph=True, dynamic=False)
+        # Each decoder adds its own compiled entries of these functions (guards name its shapes).
+        torch._dynamo.config.recompile_limit += 8
+        self._layer = torch.compile(_decode_layer, **compiled) if backend else _decode_layer
+        self._ends = torch.compile(self._ends_eager, **compiled) if backend else self._ends_eager
+        self._graphs, self._at = {}, 0
+
+    def _layer_inputs(self, layer, attention: str, linear) -> tuple:
+        attn, mlp, config = layer.self_attn, layer.mlp, self.model.config
+        stores = attn.kv_layer == attn.layer_idx
+        qkv_w, qkv_b = _fuse([attn.q_proj, attn.k_proj, attn.v_proj] if stores else [attn.q_proj])
+        gu_w, gu_b = _fuse([mlp.gate_proj, mlp.up_proj])
+        slots = attn._index["slots"] if attn._slots is not None else None
+        unslots = attn._index["unslots"] if attn._slots is not None else None
+        sizes = (config.num_attention_heads * attn.head_dim,) + (attn.n_kv * attn.head_dim,) * (2 if stores else 0)
+        spec = LayerSpec(stores, attn.n_kv, attn._gmax, attn.head_dim, attn.scaling, config.rms_norm_eps, sizes,
+                         mlp.act_fn, attention, linear)  # fmt: skip
+        w = (layer.input_layernorm.weight, qkv_w, qkv_b, slots, unslots, attn.o_proj.weight, attn.o_proj.bias,
+             layer.post_attention_layernorm.weight, gu_w, gu_b, mlp.down_proj.weight, mlp.down_proj.bias)  # fmt: skip
+        return attn.kv_layer, w, spec
+
+    @property
+    def batch_size(self) -> int:
+        return self.tokens.shape[0]
+
+    @property
+    def max_cache_len(self) -> int:
+        return self.seq.shape[1] - 1
+
+    def _ends_eager(self, x, tokens, pos, last: bool):
+        """The step's first part (embedding, rotary cos/sin) or, with ``last``, its logits."""
+        inner = self.model.model
+        if last:
+            return self.linear(inner.norm(x)[:, -1], self.model.lm_head.weight, self.model.lm_head.bias)
+        x = inner.embed_tokens(tokens)
+        return x, *inner.rotary_emb(x, pos.view(1, 1).expand(tokens.shape[0], 1))
+
+    def step(self, tokens, pos):
+        """Logits of one decode step, [batch, vocab]: ``tokens`` [batch, 1] at position ``pos`` (a one-element
+        device tensor), whose K/V it writes into the cache."""
+        x, cos, sin = self._ends(None, tokens, pos, False)
+        for kv_layer, w, spec in self.layers:
+            entry = self.cache.layers[kv_layer]
+            x = self._layer(x, pos, cos, sin, entry.keys, entry.values, w, spec)
+        return self._ends(x, tokens, pos, True)
+
+    def _next(self) -> None:
+        """One greedy step from (tokens, pos): its K/V written, the next token written at pos + 1 and fed next."""
+        nxt = self.step(self.tokens, self.pos).argmax(-1, keepdim=True)
+        self.pos.add_(1)
+        self.seq.index_copy_(1, self.pos, nxt)
+        self.tokens.copy_(nxt)
+
+    def _steps(self, n: int) -> None:
+        for _ in range(n):
+            self._next()
+
+    def _graph(self, n: int):
+        """The CUDA graph of ``n`` steps, captured once (after warm-up runs that compile; they write K/V at
+        positions 0..n-1, which the next prefill overwrites)."""
+        import torch
+
+        if n not in self._graphs:
+            self.pos.zero_()
+            stream = torch.cuda.Stream(self.device)
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(stream), torch.no_grad():
+                for _ in range(2):
+                    self._steps(n)
+                    self.pos.zero_()
+            torch.cuda.current_stream(self.device).wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph), torch.no_grad():
+                self._steps(n)
+            self._graphs[n] = graph
+        return self._graphs[n]
+
+    def warm_up(self) -> None:
+        """Compile and capture now (the first generate would otherwise)."""
+        if self.device.type == "cuda":
+            self._graph(self.steps_per_graph)
+            self._graph(1)
+
+    def decode(self, n: int) -> None:
+        """``n`` decode steps from the current tokens and position (no sync: the work is queued)."""
+        import torch
+
+        if self._at + n > self.max_cache_len:
+            raise ValueError(
+                f"{n} steps from position {self._at} need a cache of {self._at + n} tokens, but this decoder's holds "
+                f"max_cache_len={self.max_cache_len}: build GraphDecoder with max_cache_len >= {self._at + n}"
+            )
+        self._at += n
+        full, rest = divmod(n, self.steps_per_graph)
+        with torch.no_grad():
+            if self.device.type != "cuda":
+                self._steps(n)
+                return
+            graph = self._graph(self.steps_per_graph)
+            for _ in range(full):
+                graph.replay()
+            for _ in range(rest):
+                self._graph(1).replay()
+
+    def start(self, tokens, pos: int) -> None:
+        """Set the token fed next and its position (the cache holding positions before it)."""
+        self.tokens.copy_(tokens)
+        self.pos.fill_(pos)
+        self._at = pos  # the position on the host: decode() checks the room left without a sync
+
+    def generate(self, input_ids, max_new_tokens: int, eos_token_id=None, pad_token_id: int = 0):
+        """``input_ids`` followed by ``max_new_tokens`` greedy tokens, as ``model.generate(do_sample=False)``
+        returns them: after a row's ``eos_token_id``, ``pad_token_id``; columns where every row has ended cut."""
+        import torch
+
+        batch, prompt = input_ids.shape
+        if batch != self.batch_size or prompt + max_new_tokens - 1 > self.max_cache_len:
+            raise ValueError(
+                f"this decoder holds batch_size={self.batch_size} and max_cache_len={self.max_cache_len}, but "
+                f"got a batch of {batch} with {prompt} + {max_new_tokens} tokens: build GraphDecoder with "
+                f"batch_size={batch} and max_cache_len >= {prompt + max_new_tokens - 1}"
+            )
+        if self.device.type == "cuda":
+            self.warm_up()  # before the prefill: warming up writes the cache
+        self.cache.reset()
+        with torch.no_grad():
+            logits = self.model(input_ids=input_ids, past_key_values=self.cache, logits_to_keep=1).logits
+        first = logits[:, -1].argmax(-1, keepdim=True)
+        self.seq[:, :prompt] = input_ids
+        self.seq[:, prompt : prompt + 1] = first
+        self.start(first, prompt)
+        self.decode(max_new_tokens - 1)
+        self.cache.advance(batch, max_new_tokens - 1)
+        for layer in self.cache.layers:
+            if layer.is_initialized:
+                layer.cumulative_length.fill_(prompt + max_new_tokens - 1)
+        return _after_eos(self.seq[:, : prompt + max_new_tokens].clone(), prompt, eos_token_id, pad_token_id)
+
+
+def _after_eos(seq, prompt: int, eos_token_id, pad_token_id: int):
+    """``pad_token_id`` after each row's first ``eos_token_id`` among the new tokens; trailing columns where
+    every row has ended are cut, as generate stops when all have."""
+    if eos_token_id is None:
+        return seq
+    new = seq[:, prompt:]
+    ended = (new == eos_token_id).int().cumsum(1)
+    done_before = ended - (new == eos_token_id).int() > 0
+    new[done_before] = pad_token_id
+    alive = (~done_before).any(0)
+    keep = int(alive.nonzero().max()) + 1 if alive.any() else 0
+    return seq[:, : prompt + keep]

@@ -1,0 +1,166 @@
+"""The parts of a decode step against the bandwidth they could reach, and the graph decoder against generate().
+
+Issue 15's floor is every weight and every cached K/V read once per step. This measures, on the
+Llama-2-7B shape in bf16 with random weights (speed depends on shapes only), each part a decode
+step is made of, as one CUDA graph over all 32 layers, so launch gaps count as in a real step:
+
+* ``gemv``: every matrix product of a step (q/k/v and gate/up fused, as kvshare.decode.GraphDecoder does,
+  plus o, down and the logits), with cuBLAS (``F.linear``) and with kvshare.gemv's Triton kernel, at 1 and
+  32 rows; the weight bytes over the time is the bandwidth reached; the Triton outputs' largest difference
+  from cuBLAS's, relative to the largest output, is recorded;
+* ``attention``: one token's attention over a full static cache per layer (flex, sdpa, matmul), at batch
+  1 and 32; the K/V bytes over the time;
+* ``check``: GraphDecoder.generate against the model's own eager generate() (static cache, greedy, bf16)
+  for every variant: identical tokens out of how many, and the largest logit difference of one decode step.
+
+    PYTHONPATH=src python benchmarks/decode_kernels_bench.py --out DIR       # one H200: a few minutes
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).parent))
+import decode_floor_bench as dfb  # noqa: E402
+import machine  # noqa: E402
+
+from kvshare.decode import GraphDecoder, _decode_attention, static_cache  # noqa: E402
+from kvshare.io import atomic_write_json  # noqa: E402
+
+
+def graph_ms(fn, reps: int = 20) -> float:
+    """Median milliseconds of one replay of ``fn`` captured as a CUDA graph (after two warm-up calls)."""
+    for _ in range(2):
+        fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def step_weights(decoder) -> list[tuple]:
+    """(weight, bias) of every product of one step, in order."""
+    out = []
+    for _, w, _ in decoder.layers:
+        _, qkv_w, qkv_b, _, _, o_w, o_b, _, gu_w, gu_b, down_w, down_b = w
+        out += [(qkv_w, qkv_b), (o_w, o_b), (gu_w, gu_b), (down_w, down_b)]
+    head = decoder.model.lm_head
+    return out + [(head.weight, head.bias)]
+
+
+def time_gemv(decoder, rows: int) -> dict:
+    from kvshare.gemv import linear
+
+    weights = step_weights(decoder)
+    inputs = {w.shape[1]: torch.randn(rows, w.shape[1], device=w.device, dtype=w.dtype) for w, _ in weights}
+    nbytes = sum(w.numel() * w.element_size() for w, _ in weights)
+    rec = {"rows": rows, "weight_bytes": nbytes}
+    worst = 0.0
+    for w, b in {tuple(w.shape): (w, b) for w, b in weights}.values():  # one check per shape
+        want, got = F.linear(inputs[w.shape[1]], w, b), linear(inputs[w.shape[1]], w, b)
+        worst = max(worst, ((got - want).abs().max() / want.abs().max()).item())
+    rec["triton_max_rel_diff"] = worst
+    for name, fn in (("cublas", F.linear), ("triton", linear)):
+        ms = graph_ms(lambda fn=fn: [fn(inputs[w.shape[1]], w, b) for w, b in weights])
+        rec[f"{name}_ms"], rec[f"{name}_GBps"] = ms, nbytes / ms / 1e6
+    return rec
+
+
+def time_attention(decoder, kind: str) -> dict:
+    batch = decoder.batch_size
+    pos = torch.tensor([decoder.max_cache_len - 1], device=decoder.device)
+    calls, nbytes = [], 0
+    for kv_layer, _, spec in decoder.layers:
+        entry = decoder.cache.layers[kv_layer]
+        rows = torch.randn(batch, spec.n_kv, spec.gmax, spec.head_dim, device=decoder.device, dtype=entry.keys.dtype)
+        calls.append((rows, entry.keys, entry.values, spec._replace(attention=kind)))
+        nbytes += 2 * entry.keys.numel() * entry.keys.element_size()
+    attend = torch.compile(_decode_attention, fullgraph=True, dynamic=False)
+    ms = graph_ms(lambda: [attend(r, k, v, pos, s) for r, k, v, s in calls])
+    return {"attention": kind, "batch": batch, "kv_bytes": nbytes, "ms": ms, "GBps": nbytes / ms / 1e6}
+
+
+@torch.no_grad()
+def check(model, variant: str, args) -> dict:
+    """Graph decoder against the model's eager generate() on one prompt batch (bf16)."""
+    batch, prompt, new = 2, 128, args.check_new
+    ids = torch.randint(3, model.config.vocab_size, (batch, prompt), generator=torch.Generator().manual_seed(1))
+    ids = ids.to(model.device)
+    cache = static_cache(model, batch, prompt + new - 1)
+    want = model.generate(ids, past_key_values=cache, max_new_tokens=new, do_sample=False, eos_token_id=None,
+                          pad_token_id=0)  # fmt: skip
+    decoder = GraphDecoder(model, batch, prompt + new - 1, attention=args.attention, gemv=args.gemv)
+    got = decoder.generate(ids, new)
+    # One decode step from the same cache and token: the decoder's logits against the model's forward.
+    pos = torch.tensor([prompt], device=model.device)
+    token = got[:, prompt : prompt + 1]
+    mine = decoder.step(token, pos).float()
+    for layer in decoder.cache.layers:  # the model's forward writes at the cache's own count: back to the prompt
+        if layer.is_initialized:
+            layer.cumulative_length.fill_(prompt)
+            layer.length = prompt
+    theirs = model(input_ids=token, past_key_values=decoder.cache, cache_position=pos).logits[:, -1].float()
+    same = (got[:, prompt:] == want[:, prompt:]).all(0)
+    first_diff = int((~same).nonzero()[0]) if not same.all() else None
+    return {"variant": variant, "tokens_equal": int(same.sum()), "of": new, "first_difference_at": first_diff,
+            "step_logits_max_abs_diff": (mine - theirs).abs().max().item(),
+            "logits_max_abs": theirs.abs().max().item()}  # fmt: skip
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--parts", default="gemv,attention,check")
+    ap.add_argument("--variants", default="gqa,qcqa-ac,qcqa-ec,cla2,mqa", help="of the check")
+    ap.add_argument("--attention", default="flex")
+    ap.add_argument("--gemv", default="cublas")
+    ap.add_argument("--check-new", type=int, default=32)
+    args = ap.parse_args()
+    torch._dynamo.config.recompile_limit = 64
+    device, parts = torch.device("cuda"), args.parts.split(",")
+    result = {"machine": machine.environment(device), "gemv": [], "attention": [], "check": []}
+    out = Path(args.out) / "decode_kernels.json"
+    build = argparse.Namespace(decoder="graph", smoke=False, backend="inductor", decode_attention="sdpa")
+
+    def save(what, rec):
+        result[what].append(rec)
+        atomic_write_json(out, result)
+        print(what, rec, flush=True)
+
+    gqa = dfb.build_models("llama2-7b", dfb.LLAMA2_7B, ["gqa"], device, torch.bfloat16, build)["gqa"]
+    for batch in (1, 32):
+        decoder = GraphDecoder(gqa, batch, 2048 + 64 - 1)
+        if "gemv" in parts:
+            save("gemv", time_gemv(decoder, batch))
+        for kind in ("flex", "sdpa", "matmul") if "attention" in parts else ():
+            t0 = time.perf_counter()
+            save("attention", time_attention(decoder, kind) | {"compile_and_time_s": time.perf_counter() - t0})
+        del decoder
+        dfb.free(device)
+    del gqa
+    dfb.free(device)
+    for variant in args.variants.split(",") if "check" in parts else ():
+        model = dfb.build_models("llama2-7b", dfb.LLAMA2_7B, [variant], device, torch.bfloat16, build)[variant]
+        save("check", check(model, variant, args))
+        del model
+        dfb.free(device)
+
+
+if __name__ == "__main__":
+    main()
