@@ -148,6 +148,9 @@ def build_models(shape_name, dims, variants, device, dtype, args) -> dict:
             dict(backend="eager", mode=None, all_devices=True) if args.smoke else dict(backend=args.backend, mode=mode)
         )
         model = model.to(device)
+        for module in model.modules():
+            if hasattr(module, "prefill_attention"):
+                module.prefill_attention = args.prefill_attention
         if v == "hf-static" or args.decoder == "generate":
             models[v] = compile_for_decode(model, attention=args.decode_attention, **backend)
         else:
@@ -348,9 +351,10 @@ def time_max(model, variant, args, device, record) -> None:
 
 def path_of(variant: str, phase: str, args) -> str:
     """How a cell decodes: "graph/<attention>/<gemv>" (kvshare.decode.GraphDecoder) or "generate/<attention>"
-    (compiled generate; transformers' own attention for hf-static); prefill is the model's eager forward."""
+    (compiled generate; transformers' own attention for hf-static); prefill is the model's eager forward
+    ("forward/<prefill attention>")."""
     if phase == "prefill":
-        return "forward"
+        return "forward/hf" if variant == "hf-static" else f"forward/{args.prefill_attention}"
     if variant == "hf-static":
         return "generate/hf"
     if args.decoder == "graph":
@@ -368,7 +372,8 @@ def load(out: Path) -> dict:
     for key, rec in list(data["cells"].items()):  # cells of 2026-12-02, before paths: compiled generate
         if "path" not in rec:
             rec["variant"] = rec["variant"].split()[0]
-            args = argparse.Namespace(decoder="generate", decode_attention=rec.get("decode_attention", "sdpa"))
+            args = argparse.Namespace(decoder="generate", decode_attention=rec.get("decode_attention", "sdpa"),
+                                      prefill_attention="buckets")  # fmt: skip
             rec["path"] = path_of(rec["variant"], rec["phase"], args)
             del data["cells"][key]
             data["cells"][cell_key(rec["shape"], rec["variant"], rec["phase"], rec.get("batch"), rec["path"])] = rec
@@ -546,6 +551,12 @@ def main() -> None:
         choices=["flex", "sdpa", "matmul"],
         default="flex",
         help="kvshare models' decode attention (flex: the graph path only)",
+    )
+    ap.add_argument(
+        "--prefill-attention",
+        choices=["buckets", "gather"],
+        default="buckets",
+        help="kvshare models' prefill of unequal groups (kvshare.modeling.SharedKVAttention)",
     )
     ap.add_argument("--gemv", choices=["cublas", "triton"], default="cublas",
                     help="the graph path's matrix products (kvshare.gemv's Triton kernel up to 64 rows)")  # fmt: skip

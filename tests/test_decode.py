@@ -222,3 +222,16 @@ def test_graph_decoder_names_what_does_not_fit(base):
         GraphDecoder(model, 2, 9, attention="flash")
     with pytest.raises(TypeError, match="needs a kvshare model, got model_type='llama'"):
         GraphDecoder(base, 2, 9)
+
+
+@pytest.mark.parametrize("method", ["qcqa-ac", "qcqa-ac+cla2"])
+@torch.no_grad()
+def test_gathered_prefill_equals_the_bucketed_one(base, method):
+    """prefill_attention="gather" (K/V copied per query head, one sdpa) computes what the buckets do."""
+    model = convert_model(base, plans(ModelShape.of(base.config))[method])
+    x = tokens(batch=2, length=7)
+    want = model(x).logits
+    for module in model.modules():
+        if isinstance(module, modeling.SharedKVAttention):
+            module.prefill_attention = "gather"
+    assert (model(x).logits - want).abs().max() <= 1e-5

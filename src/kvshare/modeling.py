@@ -173,6 +173,9 @@ class SharedKVAttention(nn.Module):
         # The decode step's attention: "sdpa" (torch picks the kernel), or "matmul" (two batched matmuls and a
         # float32 softmax, which torch.compile fuses; a decode-shaped alternative to compare on a given GPU).
         self.decode_attention = "sdpa"
+        # A prefill of unequal groups: "buckets" (one sdpa per distinct group size, native GQA) or "gather" (K/V
+        # copied per query head for this input only, then one sdpa over all heads: one kernel, no small launches).
+        self.prefill_attention = "buckets"
         # Index tensors made here, on the CPU, and remade wherever the module moves (_apply), so that no forward
         # creates one: a compiled graph that made its own would differ from the one that reads it, and a
         # recomputed checkpointed layer would save other tensors than its forward did. Not buffers:
@@ -238,7 +241,15 @@ class SharedKVAttention(nn.Module):
 
     def _causal_sdpa(self, query, key, value):
         """Causal attention from position 0, one sdpa (native GQA) per distinct group size: the query heads of
-        the KV heads with that many members, so no padded head is computed."""
+        the KV heads with that many members, so no padded head is computed; or, with ``prefill_attention`` "gather"
+        and unequal groups, one sdpa over K/V copied per query head."""
+        if self._slots is not None and self.prefill_attention == "gather":
+            index = self._indices("gather", self._q_to_kv, key.device)
+            key, value = key.index_select(1, index), value.index_select(1, index)
+            out = F.scaled_dot_product_attention(
+                query, key, value, dropout_p=self._dropout(), is_causal=True, scale=self.scaling
+            )
+            return out.transpose(1, 2)
         outs = []
         for i, (size, kv_heads, q_heads) in enumerate(self._buckets):
             if isinstance(q_heads, slice):
