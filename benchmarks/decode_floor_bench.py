@@ -69,7 +69,7 @@ from kvshare.merge import convert_model  # noqa: E402
 from kvshare.plan import ModelShape, Plan, cla_pattern  # noqa: E402
 
 free, sync = db.free, db.sync  # gc + empty_cache; a device sync
-BANDWIDTH = 4.3e12  # H200 HBM3e, bytes/s
+BANDWIDTH = 4.3e12  # H200 HBM3e, bytes/s: the device-to-device copy rate measured on it (issue 15)
 LLAMA2_7B = dict(num_hidden_layers=32, hidden_size=4096, intermediate_size=11008, num_attention_heads=32,
                  num_key_value_heads=32, head_dim=128, vocab_size=32000)  # fmt: skip
 SHAPES = {"llama2-7b": LLAMA2_7B, **db.SHAPES}
@@ -207,9 +207,9 @@ def facts(model, batch, args) -> dict:
     weights = sum(t.numel() * t.element_size() for t in model.parameters())
     kv = kv_bytes_per_token(model.config, model.dtype.itemsize)
     context = args.prompt + args.new / 2
-    floor = floor_seconds(weights, kv, batch, context, BANDWIDTH)
+    floor = floor_seconds(weights, kv, batch, context, args.bandwidth)
     plan = model.kvshare_plan
-    return dict(weights_bytes=weights, kv_bytes_per_token=kv, context=context, floor_ms=1e3 * floor,
+    return dict(bandwidth=args.bandwidth, weights_bytes=weights, kv_bytes_per_token=kv, context=context, floor_ms=1e3 * floor,
                 stored_kv_heads=plan.stored_kv_heads, kv_fraction=plan.kv_fraction)  # fmt: skip
 
 
@@ -385,8 +385,27 @@ def save(data: dict, out: Path) -> None:
     atomic_write_text(out / "decode_floor.md", report(data))
 
 
+def copy_rate(device, nbytes: int = 2**31) -> float:
+    """Bytes read and written per second by a device-to-device copy (median of 10)."""
+    a = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    b = torch.empty_like(a)
+    times = []
+    for _ in range(11):
+        sync(device)
+        t0 = time.perf_counter()
+        b.copy_(a)
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return 2 * nbytes / statistics.median(times[1:])
+
+
 def run_piece(args, device, dtype, data, out) -> None:
     env = machine.environment(device)
+    if device.type == "cuda":
+        env["copy_rate_Bps"] = copy_rate(device)
+        args.bandwidth = BANDWIDTH if "H200" in env.get("gpu", "") else env["copy_rate_Bps"]
+    else:
+        args.bandwidth = BANDWIDTH
     env_id = f"{env.get('gpu', env['device'])} / {env['host']}"
     data["machines"][env_id] = env
     dims_of = SMOKE_SHAPES if args.smoke else SHAPES
@@ -494,8 +513,10 @@ def report(data: dict) -> str:
     for name, env in data["machines"].items():
         lines.append(f"- {name}: {env.get('gpu_mem_gib', '?')} GiB, driver {env.get('driver', '?')}, torch "
                      f"{env['torch']} (CUDA {env.get('cuda')}), transformers {env['transformers']}, "
-                     f"Python {env['python']}, {env['cpus']} CPUs")  # fmt: skip
-    lines += ["", f"Floor: (weight bytes + batch × context × KV bytes per token) / {BANDWIDTH:.2g} B/s, context = "
+                     f"Python {env['python']}, {env['cpus']} CPUs"
+                     + (f", copy rate {env['copy_rate_Bps'] / 1e12:.2f} TB/s" if "copy_rate_Bps" in env else ""))  # fmt: skip
+    lines += ["", "Floor: (weight bytes + batch × context × KV bytes per token) / bandwidth (4.3e12 B/s on the H200, "
+              "else the device-to-device copy rate measured at the start of the piece), context = "
               "prompt + new / 2. Paths: `graph/<attention>/<gemv>` is kvshare.decode.GraphDecoder (CUDA graphs of "
               "whole steps replayed back to back; step = the run's time over its steps); `generate/<attention>` is "
               "generate() with a static cache and the decode step compiled (kvshare.decode.compile_for_decode; "
