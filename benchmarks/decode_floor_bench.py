@@ -580,7 +580,7 @@ def main() -> None:
         help="kvshare models' prefill of unequal groups (kvshare.modeling.SharedKVAttention)",
     )
     ap.add_argument("--gemv", choices=["cublas", "triton"], default="cublas",
-                    help="the graph path's matrix products (kvshare.gemv's Triton kernel up to 64 rows)")  # fmt: skip
+                    help="the graph path's matrix products (kvshare.gemv's Triton kernel up to 16 rows)")  # fmt: skip
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU, every phase, in well under a minute")
     ap.add_argument("--report", action="store_true", help="only rewrite the markdown from <out>/decode_floor.json")

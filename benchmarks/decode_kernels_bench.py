@@ -19,6 +19,7 @@ step is made of, as one CUDA graph over all 32 layers, so launch gaps count as i
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
@@ -123,6 +124,18 @@ def check(model, variant: str, args) -> dict:
             "logits_max_abs": theirs.abs().max().item()}  # fmt: skip
 
 
+def best_options(result: dict) -> str:
+    """The attention with the least time summed over the batches measured, and Triton's products where they took
+    less time in all and matched cuBLAS's to 1e-2 (relative)."""
+    attention = {}
+    for r in result["attention"]:
+        attention[r["attention"]] = attention.get(r["attention"], 0.0) + r["ms"]
+    gemv = result["gemv"]
+    triton_ok = all(r["triton_max_rel_diff"] <= 1e-2 for r in gemv)
+    faster = sum(r["triton_ms"] for r in gemv) < sum(r["cublas_ms"] for r in gemv)
+    return f"--decode-attention {min(attention, key=attention.get)} --gemv {'triton' if triton_ok and faster else 'cublas'}"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True)
@@ -131,12 +144,17 @@ def main() -> None:
     ap.add_argument("--attention", default="flex")
     ap.add_argument("--gemv", default="cublas")
     ap.add_argument("--check-new", type=int, default=32)
+    ap.add_argument("--best", action="store_true", help="print decode_floor_bench's options for the fastest parts")
     args = ap.parse_args()
+    if args.best:
+        return print(best_options(json.loads((Path(args.out) / "decode_kernels.json").read_text())))
     torch._dynamo.config.recompile_limit = 64
     device, parts = torch.device("cuda"), args.parts.split(",")
     result = {"machine": machine.environment(device), "gemv": [], "attention": [], "check": []}
     out = Path(args.out) / "decode_kernels.json"
-    build = argparse.Namespace(decoder="graph", smoke=False, backend="inductor", decode_attention="sdpa")
+    build = argparse.Namespace(
+        decoder="graph", smoke=False, backend="inductor", decode_attention="sdpa", prefill_attention="buckets"
+    )
 
     def save(what, rec):
         result[what].append(rec)
