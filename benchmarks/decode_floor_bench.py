@@ -232,7 +232,7 @@ def warm_up(model, batch, args, device):
     if uses_graph(model, args):
         backend = None if args.smoke else "inductor"
         decoder = GraphDecoder(model, batch, args.prompt + args.new - 1, attention=args.decode_attention,
-                               backend=backend, gemv=args.gemv)  # fmt: skip
+                               backend=backend, gemv=args.gemv, compile_unit=args.compile_unit)  # fmt: skip
         decoder.warm_up()
         graph_run(decoder, batch, args.prompt, min(args.new, 8), 0, device)
         return decoder
@@ -358,7 +358,8 @@ def path_of(variant: str, phase: str, args) -> str:
     if variant == "hf-static":
         return "generate/hf"
     if args.decoder == "graph":
-        return f"graph/{args.decode_attention}/{args.gemv}"
+        unit = "" if getattr(args, "compile_unit", "layer") == "layer" else "/step-compiled"
+        return f"graph/{args.decode_attention}/{args.gemv}{unit}"
     return f"generate/{args.decode_attention}"
 
 

@@ -235,3 +235,15 @@ def test_gathered_prefill_equals_the_bucketed_one(base, method):
         if isinstance(module, modeling.SharedKVAttention):
             module.prefill_attention = "gather"
     assert (model(x).logits - want).abs().max() <= 1e-5
+
+
+@torch.no_grad()
+def test_graph_decoder_compiled_as_one_step_equals_reference(base):
+    plan = plans(ModelShape.of(base.config))["qcqa-ac+cla2"]
+    x, new = tokens(batch=2, length=7), 5
+    expected = greedy(reference(base, plan), x, new).sequences
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    decoder = GraphDecoder(convert_model(base, plan), 2, 11, attention="sdpa", backend="eager", compile_unit="step")
+    assert torch.equal(decoder.generate(x, new), expected)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1  # the whole step, every step

@@ -183,7 +183,8 @@ class GraphDecoder:
     "sdpa" or "matmul" as in kvshare.modeling); a CLA layer reads its producer's entry. The position is a device
     tensor the graph advances, and each step writes its token into a device buffer.
 
-    Each layer is compiled on its own (``backend``; None runs eagerly), so layers alike share one compile. The
+    Each layer is compiled on its own (``backend``; None runs eagerly), so layers alike share one compile, or the
+    whole step as one (``compile_unit="step"``). The
     model stays a transformers model (``generate`` still works); build the decoder after moving the model to its
     device, since the graphs hold the addresses of its weights. Off CUDA (tests) the steps run without a graph.
     ``gemv`` ("cublas" or "triton": kvshare.gemv's kernel for up to 16 rows) picks the decode step's matrix
@@ -191,7 +192,7 @@ class GraphDecoder:
     """
 
     def __init__(self, model, batch_size, max_cache_len, attention="flex", steps_per_graph=8, backend="inductor",
-                 gemv="cublas"):  # fmt: skip
+                 gemv="cublas", compile_unit="layer"):  # fmt: skip
         import torch
         import torch.nn.functional as F
 
@@ -220,8 +221,14 @@ class GraphDecoder:
         compiled = dict(backend=backend, fullgraph=True, dynamic=False)
         # Each decoder adds its own compiled entries of these functions (guards name its shapes).
         torch._dynamo.config.recompile_limit += 8
-        self._layer = torch.compile(_decode_layer, **compiled) if backend else _decode_layer
-        self._ends = torch.compile(self._ends_eager, **compiled) if backend else self._ends_eager
+        if compile_unit not in ("layer", "step"):
+            raise ValueError(f"compile_unit={compile_unit!r} is not one of layer, step")
+        self._layer, self._ends, self._step = _decode_layer, self._ends_eager, self._step_eager
+        if backend and compile_unit == "layer":
+            self._layer = torch.compile(_decode_layer, **compiled)
+            self._ends = torch.compile(self._ends_eager, **compiled)
+        elif backend:  # one graph: fusions across layers (residual and next norm), a longer compile per decoder
+            self._step = torch.compile(self._step_eager, **compiled)
         self._graphs, self._at = {}, 0
 
     def _layer_inputs(self, layer, attention: str, linear) -> tuple:
@@ -257,6 +264,9 @@ class GraphDecoder:
     def step(self, tokens, pos):
         """Logits of one decode step, [batch, vocab]: ``tokens`` [batch, 1] at position ``pos`` (a one-element
         device tensor), whose K/V it writes into the cache."""
+        return self._step(tokens, pos)
+
+    def _step_eager(self, tokens, pos):
         x, cos, sin = self._ends(None, tokens, pos, False)
         for kv_layer, w, spec in self.layers:
             entry = self.cache.layers[kv_layer]
