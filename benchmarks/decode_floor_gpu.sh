@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Issue 15's GPU runs, in steps that fit calls of at most 10 minutes (the machine has torch, transformers and
+# triton; nothing is carried). Each step writes under $OUT (or ./decode_out), merged afterwards with
+#   python benchmarks/decode_floor_bench.py --merge DIR/*/decode_floor.json --out benchmarks/results/decode_floor
+#   bash benchmarks/decode_floor_gpu.sh DEADLINE_S STEP...
+# STEP: kernels (decode_kernels_bench: the parts of a step, which picks the options of the steps after it) |
+# decode:V1,V2,... (7B, batch 1 and 32, the variants alternating; at most three 7B models at once, so that
+# their batch-32 caches fit an 80 GB card) | step:V,... (the same, the step compiled as one graph) |
+# max:V (7B at its largest batch) | prefill:MODE (gqa and qcqa-ac, MODE buckets or gather) |
+# small:SHAPE (decode of a small shape, every variant) | check:V,... (graph decoder against eager generate)
+set -uo pipefail
+deadline=$(( $(date +%s) + $1 )); shift
+out=${OUT:-decode_out}
+export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
+mkdir -p "$out"
+bench="python benchmarks/decode_floor_bench.py --reps 3"
+opts() { python benchmarks/decode_kernels_bench.py --out "$out" --best 2>/dev/null || echo "--decode-attention flex --gemv cublas"; }
+for step in "$@"; do
+  left=$(( deadline - $(date +%s) ))
+  [ $left -gt 30 ] || { echo "SKIP $step (no time)"; continue; }
+  arg=${step#*:}
+  dir="$out/$(echo "$step" | tr ':,' '__')"
+  echo "=== $step ($left s left) $(date +%T) $(opts)"
+  case $step in
+    kernels) timeout $left python benchmarks/decode_kernels_bench.py --out "$out" --parts gemv,attention ;;
+    decode:*) timeout $left $bench --shape llama2-7b --variants "$arg" --batches 1,32 $(opts) --out "$dir" ;;
+    step:*) timeout $left $bench --shape llama2-7b --variants "$arg" --batches 1,32 $(opts) --compile-unit step --out "$dir" ;;
+    max:*) timeout $left $bench --shape llama2-7b --phase max --variants "$arg" $(opts) --out "$dir" ;;
+    prefill:*) timeout $left $bench --shape llama2-7b --phase prefill --variants gqa,qcqa-ac --prefill-attention "$arg" --reps 5 --out "$dir" ;;
+    small:*) timeout $left $bench --shape "$arg" --variants gqa,qcqa-ac,qcqa-ec,cla2,mqa,hf-static --batches 1,32 $(opts) --out "$dir" ;;
+    check:*) timeout $left python benchmarks/decode_kernels_bench.py --out "$dir" --parts check --variants "$arg" $(opts | sed 's/--decode-attention/--attention/') ;;
+  esac 2>&1 | grep -v -i warn | grep -E "^(llama2|smollm2|mha|gemv|attention|check)|Error|error|OOM" | cut -c1-300
+  echo "=== $step rc=${PIPESTATUS[0]} $(date +%T)"
+done
