@@ -385,6 +385,7 @@ def main() -> None:
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), help="convert.dtype (default: the base model's)")
     ap.add_argument("--finetune-steps", type=int, default=0, help="fine-tune each converted checkpoint first")
     ap.add_argument("--types", nargs="+", default=["f16", "q8_0"], help="the GGUF types checked")
+    ap.add_argument("--methods", nargs="+", choices=[c[0] for c in CASES], help="only these plans (default: all)")
     ap.add_argument("--cases-only", action="store_true", help="add the plans' rows to an existing --out")
     ap.add_argument("--floors-only", action="store_true", help="add the f16 floors to an existing --out")
     ap.add_argument("--flash-attn-only", action="store_true", help="add the per-layer plan under flash attention")
@@ -394,6 +395,7 @@ def main() -> None:
     a.work.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(2)
     s = Setup(a.base, a.data, a.work, a.dtype, a.finetune_steps)
+    cases = [c for c in CASES if not a.methods or c[0] in a.methods]
     val = np.fromfile(a.data / "val.bin", dtype=np.uint32)
     windows = np.stack([val[i * a.window : (i + 1) * a.window] for i in range(a.windows)])
     if a.floors_only:
@@ -402,11 +404,11 @@ def main() -> None:
     tok = AutoTokenizer.from_pretrained(a.base)
     if a.cases_only or a.flash_attn_only:  # without flash attention llama.cpp pads a per-layer V cache
         what = "per-layer KV-head counts (deci) under flash attention (V cache not transposed)"
-        rows = ([check_case(s, windows, tok, *c, "auto", tuple(a.types)) for c in CASES] if a.cases_only else
+        rows = ([check_case(s, windows, tok, *c, "auto", tuple(a.types)) for c in cases] if a.cases_only else
                 [check_case(s, windows, tok, "qcqa-ec", 0.67, [], what, True, ("f16",))])  # fmt: skip
         return add_to(a.out, "cases", rows, ("method", "budget", "checkpoint_dtype", "variant", "flash_attn"))
-    cases = [check_case(s, windows, tok, *case, False, tuple(a.types)) for case in CASES]
-    result = {"environment": versions(), "cases": cases,
+    rows = [check_case(s, windows, tok, *case, False, tuple(a.types)) for case in cases]
+    result = {"environment": versions(), "cases": rows,
               "refused": refusals(s), "per_layer_as_llama_arch": llama_arch_per_layer(s)}  # fmt: skip
     atomic_write_text(a.out, json.dumps(result, indent=1) + "\n")
     print(json.dumps(result, indent=1))
