@@ -66,7 +66,10 @@ MIB = re.compile(r"llama_kv_cache: size = +([\d.]+) MiB \( *(\d+) cells, +(\d+) 
 
 
 def versions() -> dict:
-    return environment("cpu", ("llama_cpp_python", "gguf", "numpy"))
+    """The environment and the kvshare commit checked out: the export's code changes what f16 rounds."""
+    repo = Path(__file__).resolve().parent.parent
+    commit = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    return environment("cpu", ("llama_cpp_python", "gguf", "numpy")) | {"kvshare_commit": commit.stdout.strip()}
 
 
 @dataclass(frozen=True)
@@ -152,13 +155,14 @@ def plain_cpu_kernels() -> None:
     lc.llama_model_default_params = params
 
 
-def load_llama(path: Path, n_ctx: int, flash_attn: bool = False):
+def load_llama(path: Path, n_ctx: int, **params):
+    """llama.cpp's model (every position's logits kept) and its load log."""
     from llama_cpp import Llama
 
     plain_cpu_kernels()
     with c_stderr() as log:
         llm = Llama(model_path=str(path), n_ctx=n_ctx, n_batch=512, logits_all=True, n_threads=2, verbose=True,
-                    flash_attn=flash_attn)  # fmt: skip
+                    **params)  # fmt: skip
     return llm, log["text"]
 
 
@@ -273,7 +277,7 @@ def check_case(s: Setup, windows, tok, method, budget, extra, what, flash_attn=F
             row["types"][qtype] = {"export_error": error}
             continue
         t0 = time.perf_counter()
-        llm, log = load_llama(out, 2048, flash_attn)
+        llm, log = load_llama(out, 2048, flash_attn=flash_attn)
         arch = re.search(r"general.architecture +str += (\w+)", log)
         r = {"arch": arch[1] if arch else "?", "file_mib": round(out.stat().st_size / 2**20, 1)}
         r["kv_cache"] = kv_cache(log, row["served_kv_bytes_per_token"])
@@ -288,8 +292,6 @@ def check_case(s: Setup, windows, tok, method, budget, extra, what, flash_attn=F
 def floors(s: Setup, windows, method: str = "mqa", budget: float = 0.34) -> dict:
     """Where the f16 differences come from, for one plan: the same comparison with an f32 GGUF and an f32 KV
     cache (llama.cpp's arithmetic alone), and kvshare's own model with its weights rounded to f16."""
-    from llama_cpp import Llama
-
     from kvshare.checkpoint import load_model
 
     ckpt = checkpoint(s, method, budget)
@@ -299,11 +301,8 @@ def floors(s: Setup, windows, method: str = "mqa", budget: float = 0.34) -> dict
         path, error = export(s, ckpt, qtype, ["export.pad=true"])
         if error:
             raise SystemExit(f"export failed: {error}")
-        plain_cpu_kernels()
         kind = {"f32": 0, "f16": 1}[cache]  # GGML_TYPE_F32, GGML_TYPE_F16
-        with c_stderr():
-            llm = Llama(model_path=str(path), n_ctx=512, n_batch=512, logits_all=True, n_threads=2, verbose=True,
-                        type_k=kind, type_v=kind)  # fmt: skip
+        llm, _ = load_llama(path, 512, type_k=kind, type_v=kind)
         out[f"gguf_{qtype}_kv_{cache}"] = logprob_diffs(llm, model, windows)
         del llm
     rounded, _ = load_model(ckpt, dtype=torch.float32)
@@ -362,14 +361,15 @@ def llama_arch_per_layer(s: Setup) -> dict:
 
 def merged(old: list[dict], new: list[dict], keys: tuple[str, ...]) -> list[dict]:
     """``old`` with ``new`` added, replacing the rows they measure again (the same values of ``keys``)."""
-    again = {tuple(r[k] for k in keys) for r in new}
-    return [r for r in old if tuple(r[k] for k in keys) not in again] + new
+    again = {tuple(r.get(k) for k in keys) for r in new}
+    return [r for r in old if tuple(r.get(k) for k in keys) not in again] + new
 
 
 def add_to(out: Path, part: str, rows: list[dict], keys: tuple[str, ...]) -> None:
     """Add rows to a part of the existing results file (written atomically), each with what made it."""
     result = json.loads(out.read_text())
-    rows = [{**r, "environment": versions()} for r in rows]
+    env = versions()
+    rows = [{**r, "environment": env, "kvshare_commit": env["kvshare_commit"]} for r in rows]
     result[part] = merged(result.get(part, []), rows, keys)
     atomic_write_text(out, json.dumps(result, indent=1) + "\n")
 
@@ -400,13 +400,14 @@ def main() -> None:
     windows = np.stack([val[i * a.window : (i + 1) * a.window] for i in range(a.windows)])
     if a.floors_only:
         rows = [floors(s, windows, m, b) for m, b in (("mqa", 0.34), ("gqa", 0.67))]
-        return add_to(a.out, "floors", rows, ("method", "budget", "checkpoint_dtype"))
+        return add_to(a.out, "floors", rows, ("method", "budget", "checkpoint_dtype", "kvshare_commit"))
     tok = AutoTokenizer.from_pretrained(a.base)
     if a.cases_only or a.flash_attn_only:  # without flash attention llama.cpp pads a per-layer V cache
         what = "per-layer KV-head counts (deci) under flash attention (V cache not transposed)"
         rows = ([check_case(s, windows, tok, *c, "auto", tuple(a.types)) for c in cases] if a.cases_only else
                 [check_case(s, windows, tok, "qcqa-ec", 0.67, [], what, True, ("f16",))])  # fmt: skip
-        return add_to(a.out, "cases", rows, ("method", "budget", "checkpoint_dtype", "variant", "flash_attn"))
+        keys = ("method", "budget", "checkpoint_dtype", "variant", "flash_attn", "kvshare_commit")
+        return add_to(a.out, "cases", rows, keys)
     rows = [check_case(s, windows, tok, *case, False, tuple(a.types)) for case in cases]
     result = {"environment": versions(), "cases": rows,
               "refused": refusals(s), "per_layer_as_llama_arch": llama_arch_per_layer(s)}  # fmt: skip
