@@ -11,11 +11,19 @@ loads the GGUF in llama.cpp (llama-cpp-python, built from source) and compares, 
 
 It also records the export's refusals (unequal groups without export.pad, QCQA-AC), and whether llama.cpp's
 `llama` architecture loads a per-layer head_count_kv (the reason per-layer plans are written as `deci`).
+Where a greedy continuation differs, the row names the first differing step and both models' top-1 minus top-2
+logit margins there (a near-tie is decided by rounding).
 
     .venv/bin/pip install --target /tmp/llamacpp-target --no-deps llama-cpp-python==0.3.36 diskcache  # builds
     PYTHONPATH=src:/tmp/llamacpp-target .venv/bin/python benchmarks/llamacpp_check.py \
         --base resources/models/smollm2-135m --data resources/data/smollm2-135m/pydoc --work /tmp/llamacpp-check \
         --out benchmarks/results/llamacpp_check.json
+
+`--dtype bfloat16` converts the checkpoints in bfloat16 (as a fine-tuned model usually is: the f16 GGUF then
+holds its weights exactly; the reference is still that checkpoint computed in float32), `--finetune-steps N`
+fine-tunes each converted checkpoint N steps (kvshare.finetune, on --data's train split) and checks that, and
+`--cases-only` adds the plans' rows to an existing --out beside those there (the per-layer plan under flash
+attention, where llama.cpp's cache is the plan's).
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ import sys
 import tempfile
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +45,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import environment  # noqa: E402
+
+from kvshare.io import atomic_write_text  # noqa: E402
 
 CASES = [  # (method, budget, export overrides, what it shows)
     ("mqa", 0.34, [], "plain GQA, one KV head per layer: the llama architecture"),
@@ -54,25 +65,59 @@ MIB = re.compile(r"llama_kv_cache: size = +([\d.]+) MiB \( *(\d+) cells, +(\d+) 
                  r"V \((\w+)\): +([\d.]+) MiB")  # fmt: skip
 
 
-def stage(name: str, work: Path, *overrides: str) -> subprocess.CompletedProcess:
-    common = [f"mlflow.tracking_uri=sqlite:///{work}/mlflow.db", "study=llamacpp_check", f"hydra.run.dir={work}/hydra"]
-    cmd = [sys.executable, "-m", f"kvshare.{name}", *overrides, *common]
-    return subprocess.run(cmd, capture_output=True, text=True)
+def versions() -> dict:
+    """The environment and the kvshare commit checked out: the export's code changes what f16 rounds."""
+    repo = Path(__file__).resolve().parent.parent
+    commit = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    return environment("cpu", ("llama_cpp_python", "gguf", "numpy")) | {"kvshare_commit": commit.stdout.strip()}
 
 
-def checkpoint(base: Path, work: Path, method: str, budget: float) -> Path:
-    folder = work / f"{method}_{budget}"
+@dataclass(frozen=True)
+class Setup:
+    """Where the checkpoints come from and how they are made."""
+
+    base: Path  # the prepared base model
+    data: Path  # a tokenize-stage folder: val held out, train for --finetune-steps
+    work: Path
+    dtype: str | None = None  # convert.dtype; None: the base model's
+    finetune_steps: int = 0
+
+    def stage(self, name: str, *overrides: str) -> subprocess.CompletedProcess:
+        common = [f"mlflow.tracking_uri=sqlite:///{self.work}/mlflow.db", "study=llamacpp_check",
+                  f"hydra.run.dir={self.work}/hydra"]  # fmt: skip
+        return subprocess.run([sys.executable, "-m", f"kvshare.{name}", *overrides, *common], capture_output=True,
+                              text=True)  # fmt: skip
+
+    def must(self, name: str, *overrides: str) -> None:
+        p = self.stage(name, *overrides)
+        if p.returncode:
+            raise SystemExit(f"{name} failed: {p.stderr[-2000:]}")
+
+    def folder(self, method: str, budget: float) -> Path:
+        return self.work / (f"{method}_{budget}" + (f"_{self.dtype}" if self.dtype else ""))
+
+    def variant(self) -> str:
+        return f"finetuned {self.finetune_steps} steps" if self.finetune_steps else "converted"
+
+
+def checkpoint(s: Setup, method: str, budget: float) -> Path:
+    """The plan's converted checkpoint (search, convert), fine-tuned if ``s.finetune_steps``; reused if there."""
+    folder = s.folder(method, budget)
     plan, out = folder / "plan.json", folder / "converted"
     if not out.exists():
-        for name, args in (
-            ("search", [f"search.model_dir={base}", f"search.method={method}", f"search.budget={budget}",
-                        f"search.out={plan}", "search.solver=exact", "search.progress=false"]),
-            ("convert", [f"convert.model_dir={base}", f"convert.plan={plan}", f"convert.out={out}"]),
-        ):  # fmt: skip
-            p = stage(name, work, "model=smollm2-135m", *args)
-            if p.returncode:
-                raise SystemExit(f"{name} failed: {p.stderr[-2000:]}")
-    return out
+        s.must("search", "model=smollm2-135m", f"search.model_dir={s.base}", f"search.method={method}",
+               f"search.budget={budget}", f"search.out={plan}", "search.solver=exact", "search.progress=false")  # fmt: skip
+        dtype = [f"convert.dtype={s.dtype}"] if s.dtype else []
+        s.must("convert", "model=smollm2-135m", f"convert.model_dir={s.base}", f"convert.plan={plan}",
+               f"convert.out={out}", *dtype)  # fmt: skip
+    if not s.finetune_steps:
+        return out
+    tuned = folder / f"finetuned_{s.finetune_steps}"
+    if not tuned.exists():  # the smoke scale's CPU settings, longer windows, no resumable checkpoints
+        s.must("finetune", f"finetune.checkpoint={out}", f"finetune.data_dir={s.data}", f"finetune.out={tuned}",
+               f"finetune.max_steps={s.finetune_steps}", "finetune.seq_len=256", "finetune.checkpoint_interval=0",
+               "finetune.progress=false")  # fmt: skip
+    return tuned
 
 
 @contextmanager
@@ -110,13 +155,14 @@ def plain_cpu_kernels() -> None:
     lc.llama_model_default_params = params
 
 
-def load_llama(path: Path, n_ctx: int, flash_attn: bool = False):
+def load_llama(path: Path, n_ctx: int, **params):
+    """llama.cpp's model (every position's logits kept) and its load log."""
     from llama_cpp import Llama
 
     plain_cpu_kernels()
     with c_stderr() as log:
         llm = Llama(model_path=str(path), n_ctx=n_ctx, n_batch=512, logits_all=True, n_threads=2, verbose=True,
-                    flash_attn=flash_attn)  # fmt: skip
+                    **params)  # fmt: skip
     return llm, log["text"]
 
 
@@ -140,6 +186,22 @@ def logprob_diffs(llm, model, windows: np.ndarray) -> dict:
     return {"tokens": int(d.size), "mean_abs_logprob_diff": float(d.mean()), "max_abs_logprob_diff": float(d.max())}
 
 
+def margin(logits) -> tuple[int, float]:
+    """The top-1 token and its logit's lead over the second."""
+    top = torch.as_tensor(logits, dtype=torch.float64).topk(2)
+    return int(top.indices[0]), float(top.values[0] - top.values[1])
+
+
+def divergence(ids: list[int], out: list[int], ref: list[int], llm, ref_logits, tok) -> dict | None:
+    """The first step where the continuations differ (after the same prefix) and each model's top-1 margin there."""
+    step = next((i for i, (a, b) in enumerate(zip(out, ref, strict=True)) if a != b), None)
+    if step is None:
+        return None
+    (ours, ours_margin), (theirs, theirs_margin) = margin(ref_logits[step][0]), margin(llm.scores[len(ids) + step - 1])
+    return {"step": step, "kvshare_token": tok.decode([ours]), "kvshare_top1_minus_top2": round(ours_margin, 4),
+            "llama_cpp_token": tok.decode([theirs]), "llama_cpp_top1_minus_top2": round(theirs_margin, 4)}  # fmt: skip
+
+
 def greedy(llm, model, tok, new: int = 32) -> dict:
     same, rows = 0, []
     for text in PROMPTS:
@@ -150,13 +212,15 @@ def greedy(llm, model, tok, new: int = 32) -> dict:
         for _ in range(new):
             out.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
             llm.eval([out[-1]])
-        with torch.no_grad():
-            ref = model.generate(torch.tensor([ids]), max_new_tokens=new, min_new_tokens=new, do_sample=False)
-        ref = ref[0, len(ids) :].tolist()
+        with torch.no_grad():  # raw logits (before min_new_tokens masks the end token) for the margins
+            gen = model.generate(torch.tensor([ids]), max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                                 output_logits=True, return_dict_in_generate=True)  # fmt: skip
+        ref = gen.sequences[0, len(ids) :].tolist()
         llama_ids = llm.tokenize(text.encode(), add_bos=False, special=False)
         same += out == ref
         rows.append({"prompt": text, "identical": out == ref, "llama_cpp": tok.decode(out),
-                     "kvshare": tok.decode(ref), "same_tokenization": llama_ids == ids})  # fmt: skip
+                     "kvshare": tok.decode(ref), "same_tokenization": llama_ids == ids,
+                     "diverges": divergence(ids, out, ref, llm, gen.logits, tok)})  # fmt: skip
     return {"identical": same, "prompts": len(PROMPTS), "rows": rows}
 
 
@@ -171,29 +235,49 @@ def kv_cache(log: str, expected_per_token: int) -> dict:
             "equal": abs(per_token - expected_per_token) <= 0.001 * expected_per_token}  # fmt: skip
 
 
-def check_case(base, work, windows, tok, method, budget, extra, what, flash_attn=False, types=("f16", "q8_0")) -> dict:
-    from kvshare.checkpoint import load_model, read_config
+def export(s: Setup, ckpt: Path, qtype: str, extra=()) -> tuple[Path, str]:
+    """The checkpoint's GGUF of ``qtype`` (kvshare.export; reused if there) and the export's error, if any."""
+    out = ckpt.with_name(f"{ckpt.name}.{qtype}.gguf")
+    if out.exists():
+        return out, ""
+    p = s.stage("export", f"export.checkpoint={ckpt}", f"export.out={out}", f"export.type={qtype}", *extra,
+                f"export.variant={'finetuned' if s.finetune_steps else 'converted'}")  # fmt: skip
+    return out, p.stderr.strip() if p.returncode else ""
+
+
+def plan_row(s: Setup, ckpt: Path, method, budget, extra, what) -> dict:
+    """What the plan needs served: KV heads per layer (padded with export.pad) and nominal and served bytes."""
+    from kvshare.checkpoint import read_config
     from kvshare.serving import Layout
 
-    ckpt = checkpoint(base, work, method, budget)
     config = read_config(ckpt)
     layout = Layout.of_config(config)
-    pad = "export.pad=true" in extra
-    counts = [layout.padded_kv_heads(i) if pad else layout.kv_heads(i) for i in range(len(layout.maps))]
-    model, _ = load_model(ckpt, dtype=torch.float32)
+    layers = range(len(layout.maps))
+    counts = [layout.padded_kv_heads(i) if "export.pad=true" in extra else layout.kv_heads(i) for i in layers]
     bytes_per_head = 2 * 2 * config["head_dim"]  # K and V, 16-bit
-    row = {"method": method, "budget": budget, "what": what, "kv_heads": counts,
-           "nominal_kv_bytes_per_token": bytes_per_head * sum(layout.kv_heads(i) for i in range(len(layout.maps))),
-           "served_kv_bytes_per_token": bytes_per_head * sum(counts), "types": {}}  # fmt: skip
+    return {"method": method, "budget": budget, "what": what, "checkpoint_dtype": config.get("dtype", "float32"),
+            "variant": s.variant(), "kv_heads": counts,
+            "nominal_kv_bytes_per_token": bytes_per_head * sum(layout.kv_heads(i) for i in layers),
+            "served_kv_bytes_per_token": bytes_per_head * sum(counts), "types": {}}  # fmt: skip
+
+
+def check_case(s: Setup, windows, tok, method, budget, extra, what, flash_attn=False, types=("f16", "q8_0")) -> dict:
+    """One plan against llama.cpp; ``flash_attn="auto"``: on where the layers' KV-head counts differ."""
+    from kvshare.checkpoint import load_model
+
+    ckpt = checkpoint(s, method, budget)
+    row = plan_row(s, ckpt, method, budget, extra, what)
+    if flash_attn == "auto":
+        flash_attn = len(set(row["kv_heads"])) > 1
     row["flash_attn"] = flash_attn
+    model, _ = load_model(ckpt, dtype=torch.float32)  # a bf16 checkpoint is upcast: the reference is float32
     for qtype in types:
-        out = work / f"{method}_{budget}" / f"model.{qtype}.gguf"
-        p = stage("export", work, f"export.checkpoint={ckpt}", f"export.out={out}", f"export.type={qtype}", *extra)
-        if p.returncode:
-            row["types"][qtype] = {"export_error": p.stderr.strip()}
+        out, error = export(s, ckpt, qtype, extra)
+        if error:
+            row["types"][qtype] = {"export_error": error}
             continue
         t0 = time.perf_counter()
-        llm, log = load_llama(out, 2048, flash_attn)
+        llm, log = load_llama(out, 2048, flash_attn=flash_attn)
         arch = re.search(r"general.architecture +str += (\w+)", log)
         r = {"arch": arch[1] if arch else "?", "file_mib": round(out.stat().st_size / 2**20, 1)}
         r["kv_cache"] = kv_cache(log, row["served_kv_bytes_per_token"])
@@ -205,26 +289,20 @@ def check_case(base, work, windows, tok, method, budget, extra, what, flash_attn
     return row
 
 
-def floors(base, work, windows, method: str = "mqa", budget: float = 0.34) -> dict:
+def floors(s: Setup, windows, method: str = "mqa", budget: float = 0.34) -> dict:
     """Where the f16 differences come from, for one plan: the same comparison with an f32 GGUF and an f32 KV
     cache (llama.cpp's arithmetic alone), and kvshare's own model with its weights rounded to f16."""
-    from llama_cpp import Llama
-
     from kvshare.checkpoint import load_model
 
-    ckpt = checkpoint(base, work, method, budget)
+    ckpt = checkpoint(s, method, budget)
     model, _ = load_model(ckpt, dtype=torch.float32)
     out = {}
     for qtype, cache in (("f32", "f32"), ("f32", "f16"), ("f16", "f32")):
-        path = work / f"{method}_{budget}" / f"model.{qtype}.gguf"
-        if not path.exists():
-            stage("export", work, f"export.checkpoint={ckpt}", f"export.out={path}", f"export.type={qtype}",
-                  "export.pad=true")  # fmt: skip
-        plain_cpu_kernels()
+        path, error = export(s, ckpt, qtype, ["export.pad=true"])
+        if error:
+            raise SystemExit(f"export failed: {error}")
         kind = {"f32": 0, "f16": 1}[cache]  # GGML_TYPE_F32, GGML_TYPE_F16
-        with c_stderr():
-            llm = Llama(model_path=str(path), n_ctx=512, n_batch=512, logits_all=True, n_threads=2, verbose=True,
-                        type_k=kind, type_v=kind)  # fmt: skip
+        llm, _ = load_llama(path, 512, type_k=kind, type_v=kind)
         out[f"gguf_{qtype}_kv_{cache}"] = logprob_diffs(llm, model, windows)
         del llm
     rounded, _ = load_model(ckpt, dtype=torch.float32)
@@ -240,28 +318,28 @@ def floors(base, work, windows, method: str = "mqa", budget: float = 0.34) -> di
         diffs.append((a[idx] - b[idx]).abs().numpy())
     d = np.concatenate(diffs)
     out["kvshare_f16_weights"] = {"mean_abs_logprob_diff": float(d.mean()), "max_abs_logprob_diff": float(d.max())}
-    return {"method": method, "budget": budget, **out}
+    return {"method": method, "budget": budget, "checkpoint_dtype": s.dtype or "float32", **out}
 
 
-def refusals(base, work) -> list[dict]:
+def refusals(s: Setup) -> list[dict]:
     rows = []
     for method, budget in REFUSED:
-        ckpt = checkpoint(base, work, method, budget)
-        p = stage("export", work, f"export.checkpoint={ckpt}", f"export.out={work / 'refused.gguf'}")
+        ckpt = checkpoint(s, method, budget)
+        p = s.stage("export", f"export.checkpoint={ckpt}", f"export.out={s.work / 'refused.gguf'}")
         rows.append({"method": method, "budget": budget, "exit": p.returncode, "stderr": p.stderr.strip(),
-                     "written": (work / "refused.gguf").exists()})  # fmt: skip
+                     "written": (s.work / "refused.gguf").exists()})  # fmt: skip
     return rows
 
 
-def llama_arch_per_layer(base, work) -> dict:
+def llama_arch_per_layer(s: Setup) -> dict:
     """The per-layer plan written as llama.cpp's `llama` architecture (per-layer head_count_kv array): loads?"""
     from kvshare import ggufio
     from kvshare.checkpoint import read_config
     from kvshare.serving import Layout
 
-    ckpt = checkpoint(base, work, "qcqa-ec", 0.67)
+    ckpt = checkpoint(s, "qcqa-ec", 0.67)
     config = read_config(ckpt)
-    out = work / "per_layer_as_llama.gguf"
+    out = s.work / "per_layer_as_llama.gguf"
     saved = dict(ggufio.ARCH)
     ggufio.ARCH["per-layer"] = "llama"
     try:
@@ -281,6 +359,21 @@ def llama_arch_per_layer(base, work) -> dict:
     return {"loads": loads, "error": error, "log": lines[:6]}
 
 
+def merged(old: list[dict], new: list[dict], keys: tuple[str, ...]) -> list[dict]:
+    """``old`` with ``new`` added, replacing the rows they measure again (the same values of ``keys``)."""
+    again = {tuple(r.get(k) for k in keys) for r in new}
+    return [r for r in old if tuple(r.get(k) for k in keys) not in again] + new
+
+
+def add_to(out: Path, part: str, rows: list[dict], keys: tuple[str, ...]) -> None:
+    """Add rows to a part of the existing results file (written atomically), each with what made it."""
+    result = json.loads(out.read_text())
+    env = versions()
+    rows = [{**r, "environment": env, "kvshare_commit": env["kvshare_commit"]} for r in rows]
+    result[part] = merged(result.get(part, []), rows, keys)
+    atomic_write_text(out, json.dumps(result, indent=1) + "\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--base", type=Path, required=True)
@@ -289,6 +382,11 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=4)
     ap.add_argument("--window", type=int, default=256)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/llamacpp_check.json"))
+    ap.add_argument("--dtype", choices=("float32", "bfloat16"), help="convert.dtype (default: the base model's)")
+    ap.add_argument("--finetune-steps", type=int, default=0, help="fine-tune each converted checkpoint first")
+    ap.add_argument("--types", nargs="+", default=["f16", "q8_0"], help="the GGUF types checked")
+    ap.add_argument("--methods", nargs="+", choices=[c[0] for c in CASES], help="only these plans (default: all)")
+    ap.add_argument("--cases-only", action="store_true", help="add the plans' rows to an existing --out")
     ap.add_argument("--floors-only", action="store_true", help="add the f16 floors to an existing --out")
     ap.add_argument("--flash-attn-only", action="store_true", help="add the per-layer plan under flash attention")
     a = ap.parse_args()
@@ -296,26 +394,24 @@ def main() -> None:
 
     a.work.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(2)
+    s = Setup(a.base, a.data, a.work, a.dtype, a.finetune_steps)
+    cases = [c for c in CASES if not a.methods or c[0] in a.methods]
     val = np.fromfile(a.data / "val.bin", dtype=np.uint32)
     windows = np.stack([val[i * a.window : (i + 1) * a.window] for i in range(a.windows)])
     if a.floors_only:
-        result = json.loads(a.out.read_text())
-        result["floors"] = [floors(a.base, a.work, windows, m, b) for m, b in (("mqa", 0.34), ("gqa", 0.67))]
-        a.out.write_text(json.dumps(result, indent=1) + "\n")
-        print(json.dumps(result["floors"], indent=1))
-        return
+        rows = [floors(s, windows, m, b) for m, b in (("mqa", 0.34), ("gqa", 0.67))]
+        return add_to(a.out, "floors", rows, ("method", "budget", "checkpoint_dtype", "kvshare_commit"))
     tok = AutoTokenizer.from_pretrained(a.base)
-    if a.flash_attn_only:  # without flash attention llama.cpp pads a per-layer V cache to the largest layer
-        result = json.loads(a.out.read_text())
+    if a.cases_only or a.flash_attn_only:  # without flash attention llama.cpp pads a per-layer V cache
         what = "per-layer KV-head counts (deci) under flash attention (V cache not transposed)"
-        result["cases"].append(check_case(a.base, a.work, windows, tok, "qcqa-ec", 0.67, [], what, True, ("f16",)))
-        a.out.write_text(json.dumps(result, indent=1) + "\n")
-        return
-    cases = [check_case(a.base, a.work, windows, tok, *case) for case in CASES]
-    result = {"environment": environment("cpu", ("llama_cpp_python", "gguf", "numpy")), "cases": cases,
-              "refused": refusals(a.base, a.work), "per_layer_as_llama_arch": llama_arch_per_layer(a.base, a.work)}  # fmt: skip
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps(result, indent=1) + "\n")
+        rows = ([check_case(s, windows, tok, *c, "auto", tuple(a.types)) for c in cases] if a.cases_only else
+                [check_case(s, windows, tok, "qcqa-ec", 0.67, [], what, True, ("f16",))])  # fmt: skip
+        keys = ("method", "budget", "checkpoint_dtype", "variant", "flash_attn", "kvshare_commit")
+        return add_to(a.out, "cases", rows, keys)
+    rows = [check_case(s, windows, tok, *case, False, tuple(a.types)) for case in cases]
+    result = {"environment": versions(), "cases": rows,
+              "refused": refusals(s), "per_layer_as_llama_arch": llama_arch_per_layer(s)}  # fmt: skip
+    atomic_write_text(a.out, json.dumps(result, indent=1) + "\n")
     print(json.dumps(result, indent=1))
 
 
