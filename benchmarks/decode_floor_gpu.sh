@@ -3,7 +3,7 @@
 # triton; nothing is carried). Each step writes under $OUT (or ./decode_out), merged afterwards with
 #   python benchmarks/decode_floor_bench.py --merge DIR/*/decode_floor.json --out benchmarks/results/decode_floor
 #   bash benchmarks/decode_floor_gpu.sh DEADLINE_S STEP...
-# STEP: kernels (decode_kernels_bench: the parts of a step, which picks the options of the steps after it) |
+# STEP: kernels[:PARTS] (decode_kernels_bench: the parts of a step, which pick the options of the steps after it) |
 # decode:V1,V2,... (7B, batch 1 and 32, the variants alternating; at most three 7B models at once, so that
 # their batch-32 caches fit an 80 GB card) | step:V,... (the same, the step compiled as one graph) |
 # max:V (7B at its largest batch) | prefill:MODE (gqa and qcqa-ac, MODE buckets or gather) |
@@ -23,6 +23,7 @@ for step in "$@"; do
   echo "=== $step ($left s left) $(date +%T) $(opts)"
   case $step in
     kernels) timeout $left python benchmarks/decode_kernels_bench.py --out "$out" --parts gemv,attention ;;
+    kernels:*) timeout $left python benchmarks/decode_kernels_bench.py --out "$out" --parts "$arg" ;;
     decode:*) timeout $left $bench --shape llama2-7b --variants "$arg" --batches 1,32 $(opts) --out "$dir" ;;
     step:*) timeout $left $bench --shape llama2-7b --variants "$arg" --batches 1,32 $(opts) --compile-unit step --out "$dir" ;;
     max:*) timeout $left $bench --shape llama2-7b --phase max --variants "$arg" $(opts) --out "$dir" ;;
