@@ -247,3 +247,21 @@ def test_graph_decoder_compiled_as_one_step_equals_reference(base):
     decoder = GraphDecoder(convert_model(base, plan), 2, 11, attention="sdpa", backend="eager", compile_unit="step")
     assert torch.equal(decoder.generate(x, new), expected)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1  # the whole step, every step
+
+
+def test_fused_projections_leave_the_model_as_it_was(base, tmp_path):
+    """GraphDecoder fuses in place: the model's forward, its parameters, their gradients and what save_pretrained
+    writes are as before."""
+    model = convert_model(base, plans(ModelShape.of(base.config))["qcqa-ac+cla2"])
+    x = tokens(batch=2, length=7)
+    names = {n: p.detach().clone() for n, p in model.named_parameters()}
+    want = model(x).logits.detach()
+    GraphDecoder(model, 2, 12, backend=None)
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == dict.fromkeys(names, True)
+    assert all(torch.equal(p, names[n]) for n, p in model.named_parameters())
+    out = model(x).logits
+    assert torch.equal(out, want)
+    out.sum().backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if "q_proj" in n or "gate_proj" in n)
+    model.save_pretrained(tmp_path)
+    assert torch.equal(type(model).from_pretrained(tmp_path)(x).logits, want)

@@ -97,9 +97,9 @@ def _fuse(linears) -> tuple:
     start = 0
     for m in linears:
         n = m.weight.shape[0]
-        m.weight = nn.Parameter(weight[start : start + n], requires_grad=False)
+        m.weight = nn.Parameter(weight[start : start + n], requires_grad=m.weight.requires_grad)
         if bias is not None:
-            m.bias = nn.Parameter(bias[start : start + n], requires_grad=False)
+            m.bias = nn.Parameter(bias[start : start + n], requires_grad=m.bias.requires_grad)
         start += n
     return weight, bias
 
