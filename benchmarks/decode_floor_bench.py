@@ -282,7 +282,6 @@ def time_decode(models, batch, args, device, record, phase="decode", ready=None)
         rec.update(tok_s=batch / step, fraction_of_floor=f["floor_ms"] / (1e3 * step))
         cache = caches[v].cache if isinstance(caches[v], GraphDecoder) else caches[v]
         rec["cache_bytes_exact"] = cache_bytes_exact(cache, models[v], batch, args)
-
         record(v, phase, batch, rec)
     caches.clear()
     free(device)
@@ -358,7 +357,7 @@ def path_of(variant: str, phase: str, args) -> str:
     if variant == "hf-static":
         return "generate/hf"
     if args.decoder == "graph":
-        unit = "" if getattr(args, "compile_unit", "layer") == "layer" else "/step-compiled"
+        unit = "" if args.compile_unit == "layer" else "/step-compiled"
         return f"graph/{args.decode_attention}/{args.gemv}{unit}"
     return f"generate/{args.decode_attention}"
 
@@ -480,6 +479,11 @@ def table_row(r: dict, base: dict | None, cmd: int) -> str:
     return "| " + " | ".join(row) + " |"
 
 
+def gqa_at_max(gqa: dict, shape: str, path: str) -> dict | None:
+    """gqa's cell at its largest batch on ``path`` (the base of the max phase's ratios)."""
+    return next((g for (s, phase, _, p), g in gqa.items() if (s, phase, p) == (shape, "max", path)), None)
+
+
 def targets(cells: list[dict], gqa: dict) -> list[str]:
     """The issue's targets, each as met or not from the cells measured, path by path. ``gqa``: (shape, phase,
     batch, path) → gqa's cell."""
@@ -497,7 +501,7 @@ def targets(cells: list[dict], gqa: dict) -> list[str]:
             ratio, want = r["tok_s"] / base["tok_s"], 0.95 if r["phase"] == "decode" else 0.97
             lines.append(f"- {'met' if ratio >= want else 'MISSED'}: {where} {r['phase']} B={r['batch']}: "
                          f"{ratio:.3f}× gqa's tokens/s (target ≥ {want})")  # fmt: skip
-        top = next((g for k, g in gqa.items() if (k[0], k[1], k[3]) == (r["shape"], "max", r["path"])), None)
+        top = gqa_at_max(gqa, r["shape"], r["path"])
         if r["phase"] == "max" and top and r["variant"] != "gqa":
             by_floor = (r["batch"] / r["floor_ms"]) / (top["batch"] / top["floor_ms"])
             lines.append(f"- {where} at its largest batch (B={r['batch']}): {r['tok_s'] / top['tok_s']:.2f}× gqa's "
@@ -574,6 +578,8 @@ def main() -> None:
         default="flex",
         help="kvshare models' decode attention (flex: the graph path only)",
     )
+    ap.add_argument("--compile-unit", choices=["layer", "step"], default="layer",
+                    help="the graph path compiles each layer, or the whole step as one graph")  # fmt: skip
     ap.add_argument(
         "--prefill-attention",
         choices=["buckets", "gather"],

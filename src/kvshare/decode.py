@@ -129,7 +129,7 @@ def _decode_attention(rows, keys, values, pos, spec: LayerSpec):
 
         # As one query token per query head, grouped onto its KV head (GQA): FlexAttention's decode kernel, which
         # splits the context across the GPU (rows as a query length of gmax would not split it: 88 µs a layer
-        # at batch 1 against 5.7 µs of reading on an H100, benchmarks/results/decode_floor).
+        # at batch 1 against 5.8 µs of reading on an H100, benchmarks/results/decode_floor).
         batch, n_kv, gmax, d = rows.shape
         one = rows.reshape(batch, n_kv * gmax, 1, d)
         out = flex_attention(one, keys, values, score_mod=up_to_pos, scale=spec.scaling, enable_gqa=gmax > 1)
@@ -207,6 +207,8 @@ class GraphDecoder:
             raise ValueError(f"attention={attention!r} is not one of flex, sdpa, matmul")
         if gemv not in ("cublas", "triton"):
             raise ValueError(f"gemv={gemv!r} is not one of cublas, triton")
+        if compile_unit not in ("layer", "step"):
+            raise ValueError(f"compile_unit={compile_unit!r} is not one of layer, step")
         self.model, self.steps_per_graph, self.device = model, steps_per_graph, model.device
         self.cache = KVShareStaticCache(model.config, max_cache_len, batch_size, model.dtype, self.device)
         linear = F.linear
@@ -221,8 +223,6 @@ class GraphDecoder:
         compiled = dict(backend=backend, fullgraph=True, dynamic=False)
         # Each decoder adds its own compiled entries of these functions (guards name its shapes).
         torch._dynamo.config.recompile_limit += 8
-        if compile_unit not in ("layer", "step"):
-            raise ValueError(f"compile_unit={compile_unit!r} is not one of layer, step")
         self._layer, self._ends, self._step = _decode_layer, self._ends_eager, self._step_eager
         if backend and compile_unit == "layer":
             self._layer = torch.compile(_decode_layer, **compiled)
@@ -349,8 +349,7 @@ class GraphDecoder:
                 f"got a batch of {batch} with {prompt} + {max_new_tokens} tokens: build GraphDecoder with "
                 f"batch_size={batch} and max_cache_len >= {prompt + max_new_tokens - 1}"
             )
-        if self.device.type == "cuda":
-            self.warm_up()  # before the prefill: warming up writes the cache
+        self.warm_up()  # before the prefill: warming up writes the cache
         self.cache.reset()
         with torch.no_grad():
             logits = self.model(input_ids=input_ids, past_key_values=self.cache, logits_to_keep=1).logits
@@ -372,8 +371,8 @@ def _after_eos(seq, prompt: int, eos_token_id, pad_token_id: int):
     if eos_token_id is None:
         return seq
     new = seq[:, prompt:]
-    ended = (new == eos_token_id).int().cumsum(1)
-    done_before = ended - (new == eos_token_id).int() > 0
+    hit = (new == eos_token_id).int()
+    done_before = hit.cumsum(1) - hit > 0
     new[done_before] = pad_token_id
     alive = (~done_before).any(0)
     keep = int(alive.nonzero().max()) + 1 if alive.any() else 0

@@ -1,6 +1,6 @@
 """A Triton matrix product for decode steps: ``x @ weight.T + bias`` with few rows (a batch of single tokens).
 
-With up to 64 rows a Linear layer's product is bound by reading its weight once, and cuBLAS's kernels for
+With a few rows a Linear layer's product is bound by reading its weight once, and cuBLAS's kernels for
 these shapes stop short of the GPU's bandwidth (kvshare's decode diagnostic measured 0.73 of it on an H200).
 This kernel gives every program a block of output columns for all rows, streams its weight rows through the
 whole reduction with software pipelining, and lets Triton's autotuner pick the block sizes per shape (on the
