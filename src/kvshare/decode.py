@@ -80,9 +80,9 @@ class LayerSpec(NamedTuple):
     scaling: float
     eps: float
     qkv_sizes: tuple[int, ...]
-    act: Callable
+    act: str  # the MLP's activation, a transformers ACT2FN name
     attention: str
-    linear: Callable
+    linear: Callable  # linear_reference, or kvshare.gemv.linear
 
 
 def _fuse(linears) -> tuple:
@@ -111,6 +111,22 @@ def _rms_norm(x, weight, eps):
     h = x.float()
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
     return weight * h.to(x.dtype)
+
+
+def linear_reference(x, weight, bias=None, norm=None, eps: float = 0.0, act: str | None = None, residual=None):
+    """A Linear layer's product with what surrounds it in a decoder layer: ``x`` RMS-normed by ``norm`` (weight,
+    ``eps``) first, or with ``act``, x's two halves [gate, up] as ``act(gate) * up``; ``residual`` added after.
+    As PyTorch's modules compute it; kvshare.gemv.linear fuses the same into one kernel."""
+    import torch.nn.functional as F
+    from transformers.activations import ACT2FN
+
+    if norm is not None:
+        x = _rms_norm(x, norm, eps)
+    if act is not None:
+        gate, up = x.chunk(2, -1)
+        x = ACT2FN[act](gate) * up
+    y = F.linear(x, weight, bias)
+    return y if residual is None else residual + y
 
 
 def _decode_attention(rows, keys, values, pos, spec: LayerSpec):
@@ -148,7 +164,7 @@ def _decode_layer(x, pos, cos, sin, keys, values, w: tuple, spec: LayerSpec):
 
     ln1, qkv_w, qkv_b, slots, unslots, o_w, o_b, ln2, gu_w, gu_b, down_w, down_b = w
     batch, d = x.shape[0], spec.head_dim
-    parts = spec.linear(_rms_norm(x, ln1, spec.eps), qkv_w, qkv_b).split(spec.qkv_sizes, -1)
+    parts = spec.linear(x, qkv_w, qkv_b, ln1, spec.eps).split(spec.qkv_sizes, -1)
     query = parts[0].view(batch, 1, -1, d).transpose(1, 2)
     if spec.stores:
         key, value = (p.view(batch, 1, -1, d).transpose(1, 2) for p in parts[1:])
@@ -163,9 +179,9 @@ def _decode_layer(x, pos, cos, sin, keys, values, w: tuple, spec: LayerSpec):
     out = out.reshape(batch, -1, d)
     if unslots is not None:
         out = out.index_select(1, unslots)
-    x = x + spec.linear(out.reshape(batch, 1, -1), o_w, o_b)
-    gate, up = spec.linear(_rms_norm(x, ln2, spec.eps), gu_w, gu_b).chunk(2, -1)
-    return x + spec.linear(spec.act(gate) * up, down_w, down_b)
+    x = spec.linear(out.reshape(batch, 1, -1), o_w, o_b, residual=x)
+    gate_up = spec.linear(x, gu_w, gu_b, ln2, spec.eps)
+    return spec.linear(gate_up, down_w, down_b, act=spec.act, residual=x)
 
 
 class GraphDecoder:
@@ -194,7 +210,6 @@ class GraphDecoder:
     def __init__(self, model, batch_size, max_cache_len, attention="flex", steps_per_graph=8, backend="inductor",
                  gemv="cublas", compile_unit="layer"):  # fmt: skip
         import torch
-        import torch.nn.functional as F
 
         from kvshare.modeling import KVShareLlamaConfig, KVShareStaticCache
 
@@ -211,7 +226,7 @@ class GraphDecoder:
             raise ValueError(f"compile_unit={compile_unit!r} is not one of layer, step")
         self.model, self.steps_per_graph, self.device = model, steps_per_graph, model.device
         self.cache = KVShareStaticCache(model.config, max_cache_len, batch_size, model.dtype, self.device)
-        linear = F.linear
+        linear = linear_reference
         if gemv == "triton" and self.device.type == "cuda":
             from kvshare.gemv import linear
         self.layers = [self._layer_inputs(layer, attention, linear) for layer in model.model.layers]
@@ -240,7 +255,7 @@ class GraphDecoder:
         unslots = attn._index["unslots"] if attn._slots is not None else None
         sizes = (config.num_attention_heads * attn.head_dim,) + (attn.n_kv * attn.head_dim,) * (2 if stores else 0)
         spec = LayerSpec(stores, attn.n_kv, attn._gmax, attn.head_dim, attn.scaling, config.rms_norm_eps, sizes,
-                         mlp.act_fn, attention, linear)  # fmt: skip
+                         config.hidden_act, attention, linear)  # fmt: skip
         w = (layer.input_layernorm.weight, qkv_w, qkv_b, slots, unslots, attn.o_proj.weight, attn.o_proj.bias,
              layer.post_attention_layernorm.weight, gu_w, gu_b, mlp.down_proj.weight, mlp.down_proj.bias)  # fmt: skip
         return attn.kv_layer, w, spec
@@ -257,7 +272,8 @@ class GraphDecoder:
         """The step's first part (embedding, rotary cos/sin) or, with ``last``, its logits."""
         inner = self.model.model
         if last:
-            return self.linear(inner.norm(x)[:, -1], self.model.lm_head.weight, self.model.lm_head.bias)
+            head = self.model.lm_head
+            return self.linear(x[:, -1], head.weight, head.bias, inner.norm.weight, inner.norm.variance_epsilon)
         x = inner.embed_tokens(tokens)
         return x, *inner.rotary_emb(x, pos.view(1, 1).expand(tokens.shape[0], 1))
 

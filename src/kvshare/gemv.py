@@ -1,10 +1,17 @@
-"""A Triton matrix product for decode steps: ``x @ weight.T + bias`` with few rows (a batch of single tokens).
+"""A Triton matrix product for decode steps: ``x @ weight.T + bias`` with few rows (a batch of single tokens),
+with the small operations around a decoder layer's products fused in.
 
 With a few rows a Linear layer's product is bound by reading its weight once, and cuBLAS's kernels for
 these shapes stop short of the GPU's bandwidth (kvshare's decode diagnostic measured 0.73 of it on an H200).
 This kernel gives every program a block of output columns for all rows, streams its weight rows through the
 whole reduction with software pipelining, and lets Triton's autotuner pick the block sizes per shape (on the
-first call of each shape: run it once before capturing a CUDA graph). More rows, or no GPU: ``F.linear``.
+first call of each shape: run it once before capturing a CUDA graph). More rows, or no GPU: the same
+operations in PyTorch (:func:`kvshare.decode.linear_reference`).
+
+At batch 1 a 7B layer's products take about 0.1 ms, and every other kernel of the layer costs a few
+microseconds more, so the norm before a product (``norm``), the gated activation before the down projection
+(``glu``) and the residual after it (``residual``) are computed inside the product: every program reads all of
+``x`` anyway. Each is rounded to the input's dtype where PyTorch's modules round it.
 
 :func:`linear` is a torch custom op, so torch.compile leaves it as one opaque call inside a compiled decode
 layer. Importing this module needs ``triton`` (shipped with CUDA builds of torch).
@@ -13,9 +20,10 @@ layer. Importing this module needs ``triton`` (shipped with CUDA builds of torch
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
+
+from kvshare.decode import linear_reference
 
 MAX_ROWS = 16  # at 32 rows cuBLAS was as fast (H100, benchmarks/results/decode_floor)
 
@@ -34,53 +42,80 @@ CONFIGS = [
 ]
 
 
-@triton.autotune(configs=CONFIGS, key=["M", "N", "K"])
+@triton.autotune(configs=CONFIGS, key=["M", "N", "K", "NORM", "GLU"])
 @triton.jit
-def _kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K: tl.constexpr, stride_xm, stride_wn, stride_ym,
-            HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+def _kernel(x_ptr, w_ptr, b_ptr, n_ptr, r_ptr, y_ptr, M, N, K: tl.constexpr, stride_xm, stride_wn, stride_rm,
+            stride_ym, eps, HAS_BIAS: tl.constexpr, NORM: tl.constexpr, GLU: tl.constexpr, RESIDUAL: tl.constexpr,
+            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
     rm = tl.arange(0, BLOCK_M)
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
+    dtype = y_ptr.dtype.element_ty
+    if NORM:  # RMSNorm's scale per row: a first pass over x, which stays in cache for the product
+        squares = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        for i in range(tl.cdiv(K, BLOCK_K)):
+            kk = i * BLOCK_K + rk
+            mask = (rm[:, None] < M) & (kk[None, :] < K)
+            x = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :], mask=mask, other=0.0).to(tl.float32)
+            squares += tl.sum(x * x, axis=1)
+        scale = tl.rsqrt(squares / K + eps)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for i in range(tl.cdiv(K, BLOCK_K)):
         kk = i * BLOCK_K + rk
-        x = tl.load(
-            x_ptr + rm[:, None] * stride_xm + kk[None, :], mask=(rm[:, None] < M) & (kk[None, :] < K), other=0.0
-        )
+        mask = (rm[:, None] < M) & (kk[None, :] < K)
+        x = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :], mask=mask, other=0.0)
+        if NORM:
+            norm = tl.load(n_ptr + kk, mask=kk < K, other=0.0)
+            x = (x.to(tl.float32) * scale[:, None]).to(dtype) * norm[None, :]
+        if GLU:  # x holds [gate, up]: silu(gate) * up
+            up = tl.load(x_ptr + rm[:, None] * stride_xm + K + kk[None, :], mask=mask, other=0.0)
+            gate = x.to(tl.float32)
+            x = (gate / (1.0 + tl.exp(-gate))).to(dtype) * up
         w = tl.load(
             w_ptr + rn[:, None] * stride_wn + kk[None, :], mask=(rn[:, None] < N) & (kk[None, :] < K), other=0.0
         )
-        acc += tl.dot(x, tl.trans(w))
+        acc += tl.dot(x.to(dtype), tl.trans(w))
     if HAS_BIAS:
         acc += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
     mask = (rm[:, None] < M) & (rn[None, :] < N)
-    tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], acc.to(y_ptr.dtype.element_ty), mask=mask)
+    y = acc.to(dtype)
+    if RESIDUAL:
+        y = y + tl.load(r_ptr + rm[:, None] * stride_rm + rn[None, :], mask=mask, other=0.0)
+    tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], y, mask=mask)
 
 
 @torch.library.custom_op("kvshare::gemv", mutates_args=())
-def _gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    m, k = x.shape
-    n = weight.shape[0]
+def _gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, norm: torch.Tensor | None, eps: float,
+          glu: bool, residual: torch.Tensor | None) -> torch.Tensor:  # fmt: skip
+    m = x.shape[0]
+    n, k = weight.shape
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     block_m = max(16, triton.next_power_of_2(m))
 
     def grid(meta):
         return (triton.cdiv(n, meta["BLOCK_N"]),)
 
-    b = bias if bias is not None else weight  # any pointer: not read without HAS_BIAS
-    _kernel[grid](x, weight, b, y, m, n, k, x.stride(0), weight.stride(0), y.stride(0),
-                  HAS_BIAS=bias is not None, BLOCK_M=block_m)  # fmt: skip
+    # Any pointer for the operands a flag leaves unread.
+    _kernel[grid](x, weight, weight if bias is None else bias, weight if norm is None else norm,
+                  y if residual is None else residual, y, m, n, k, x.stride(0), weight.stride(0),
+                  0 if residual is None else residual.stride(0), y.stride(0), eps, HAS_BIAS=bias is not None,
+                  NORM=norm is not None, GLU=glu, RESIDUAL=residual is not None, BLOCK_M=block_m)  # fmt: skip
     return y
 
 
 @_gemv.register_fake
-def _(x, weight, bias):
+def _(x, weight, bias, norm, eps, glu, residual):
     return x.new_empty(x.shape[0], weight.shape[0])
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear`` that runs the kernel above for up to MAX_ROWS rows on CUDA (contiguous weight)."""
+def linear(x, weight, bias=None, norm=None, eps: float = 0.0, act: str | None = None, residual=None):
+    """:func:`kvshare.decode.linear_reference` (a Linear layer's product, with an RMSNorm before it, a gated
+    activation ``act`` of x's two halves, or a residual added), by the kernel above for up to MAX_ROWS rows on
+    CUDA (contiguous weight; the activation SiLU)."""
     rows = x.numel() // x.shape[-1]
-    if rows > MAX_ROWS or not x.is_cuda or not weight.is_contiguous():
-        return F.linear(x, weight, bias)
-    return _gemv(x.reshape(rows, x.shape[-1]).contiguous(), weight, bias).view(*x.shape[:-1], weight.shape[0])
+    if rows > MAX_ROWS or not x.is_cuda or not weight.is_contiguous() or act not in (None, "silu"):
+        return linear_reference(x, weight, bias, norm, eps, act, residual)
+    shape = (*x.shape[:-1], weight.shape[0])
+    flat = x.reshape(rows, x.shape[-1]).contiguous()
+    res = None if residual is None else residual.reshape(rows, -1).contiguous()
+    return _gemv(flat, weight, bias, norm, eps, act is not None, res).view(shape)
