@@ -1,0 +1,127 @@
+"""Triton split-KV ("flash-decoding") attention for one decode token per sequence, query heads grouped onto
+KV heads in unequal, non-contiguous groups.
+
+A decode step's attention is bound by reading the cached K/V, and one program per (sequence, KV head) leaves
+most of the GPU idle at small batch; torch's kernels also want equal, contiguous groups (GQA), so kvshare's
+groups cost a gather of the query rows before and a scatter after. Here each program gathers its KV head's
+query rows itself (by ``rows``), walks one chunk of the context with an online softmax, reading that K/V once
+for all of them, and writes a partial output with its log-sum-exp; a second kernel merges the chunks into
+each query head's output, in the query's own head order. The position is read on the device and the grid
+depends on shapes alone, so a CUDA graph can replay the step at any position.
+
+:func:`attention` is a torch custom op, so torch.compile leaves it as one opaque call inside a compiled decode
+layer. Importing this module needs ``triton`` (shipped with CUDA builds of torch).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+BLOCK_N = 64  # context positions per step of a chunk's walk
+PROGRAMS = 2 * 132  # partial-kernel programs to aim for: two per SM of an H100 or H200
+BLOCK_S = 16  # chunks the merge reads per step
+
+
+@triton.jit
+def _partial_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, rows_ptr, o_ptr, lse_ptr, qk_scale, n_heads, splits, chunk,
+                    stride_qb, stride_kb, stride_kh, GM: tl.constexpr, HEAD_DIM: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+    b = tl.program_id(0).to(tl.int64)  # a large cache's offsets pass 2**31
+    kv = tl.program_id(1)
+    split = tl.program_id(2)
+    rm = tl.arange(0, BLOCK_M)
+    rd = tl.arange(0, HEAD_DIM)
+    head = tl.load(rows_ptr + kv * GM + rm, mask=rm < GM, other=-1)
+    live = head >= 0  # padding rows compute on zeros and are not stored
+    q = tl.load(q_ptr + b * stride_qb + head[:, None] * HEAD_DIM + rd[None, :], mask=live[:, None], other=0.0)
+    q = q.to(k_ptr.dtype.element_ty)
+    pos = tl.load(pos_ptr)
+    start = split * chunk
+    end = tl.minimum(start + chunk, pos + 1)  # a chunk past pos takes no step
+    k_ptr += b * stride_kb + kv * stride_kh
+    v_ptr += b * stride_kb + kv * stride_kh
+    m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    l_i = tl.zeros((BLOCK_M,), tl.float32)
+    acc = tl.zeros((BLOCK_M, HEAD_DIM), tl.float32)
+    for n in range(start, end, BLOCK_N):
+        rn = n + tl.arange(0, BLOCK_N)
+        valid = rn < end  # positions past pos may hold anything: not even loaded
+        kv_off = rn[:, None] * HEAD_DIM + rd[None, :]
+        k = tl.load(k_ptr + kv_off, mask=valid[:, None], other=0.0)
+        v = tl.load(v_ptr + kv_off, mask=valid[:, None], other=0.0)
+        qk = tl.where(valid[None, :], tl.dot(q, tl.trans(k)) * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))  # finite: a step's first position is valid
+        p = tl.exp2(qk - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    l_safe = tl.where(l_i > 0, l_i, 1.0)  # a chunk past pos: output 0 and log-sum-exp -inf, which the merge ignores
+    row = (b * n_heads + head) * splits + split
+    tl.store(lse_ptr + row, m_i + tl.log2(l_safe), mask=live)
+    tl.store(o_ptr + row[:, None] * HEAD_DIM + rd[None, :], acc / l_safe[:, None], mask=live[:, None])
+
+
+@triton.jit
+def _combine_kernel(o_ptr, lse_ptr, out_ptr, n_heads, splits, HEAD_DIM: tl.constexpr, SPLITS: tl.constexpr,
+                    BLOCK_S: tl.constexpr):  # fmt: skip
+    bh = tl.program_id(0).to(tl.int64) * n_heads + tl.program_id(1)
+    rd = tl.arange(0, HEAD_DIM)
+    rs = tl.arange(0, BLOCK_S)
+    all_s = tl.arange(0, SPLITS)
+    m = tl.max(tl.load(lse_ptr + bh * splits + all_s, mask=all_s < splits, other=float("-inf")), 0)
+    acc = tl.zeros((BLOCK_S, HEAD_DIM), tl.float32)
+    den = tl.zeros((BLOCK_S,), tl.float32)
+    for s in range(0, splits, BLOCK_S):  # in steps: all chunks' outputs at once would spill registers
+        rows = bh * splits + s + rs
+        mask = s + rs < splits
+        w = tl.exp2(tl.load(lse_ptr + rows, mask=mask, other=float("-inf")) - m)
+        acc += w[:, None] * tl.load(o_ptr + rows[:, None] * HEAD_DIM + rd[None, :], mask=mask[:, None], other=0.0)
+        den += w
+    out = tl.sum(acc, 0) / tl.sum(den, 0)
+    tl.store(out_ptr + bh * HEAD_DIM + rd, out.to(out_ptr.dtype.element_ty))
+
+
+def _splits(batch: int, n_kv: int, max_len: int) -> tuple[int, int]:
+    """The number of chunks and each one's length."""
+    blocks = triton.cdiv(max_len, BLOCK_N)
+    # From static shapes alone (a CUDA graph replays it at every position): whole blocks of BLOCK_N positions a
+    # chunk, as many as still leave batch × n_kv × chunks at least PROGRAMS (one block a chunk where the context
+    # is too short for that), and no chunk starting past max_len.
+    per_chunk = max(1, blocks // triton.cdiv(PROGRAMS, batch * n_kv))
+    return triton.cdiv(blocks, per_chunk), per_chunk * BLOCK_N
+
+
+@torch.library.custom_op("kvshare::decode_attention", mutates_args=())
+def attention(
+    query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, pos: torch.Tensor, rows: torch.Tensor, scaling: float
+) -> torch.Tensor:
+    """Each query head's attention over its KV head's cache up to ``pos`` (inclusive). query [batch, n_heads,
+    head_dim] and keys and values [batch, n_kv, max_len, head_dim], contiguous; pos a 1-element long tensor on the
+    device; rows int32 [n_kv, GM]: the query heads that read each KV head, padded with -1. Returns [batch,
+    n_heads, head_dim] in the query's dtype and head order."""
+    batch, n_heads, d = query.shape
+    n_kv, max_len = keys.shape[1], keys.shape[2]
+    gm = rows.shape[1]
+    if d & (d - 1):
+        raise ValueError(f"decode attention needs a power-of-2 head_dim, got {d}")
+    splits, chunk = _splits(batch, n_kv, max_len)
+    o = torch.empty(batch, n_heads, splits, d, dtype=torch.float32, device=query.device)
+    lse = torch.empty(batch, n_heads, splits, dtype=torch.float32, device=query.device)
+    out = torch.empty_like(query)
+    _partial_kernel[(batch, n_kv, splits)](query, keys, values, pos, rows, o, lse, scaling * math.log2(math.e),
+                                           n_heads, splits, chunk, query.stride(0), keys.stride(0), keys.stride(1),
+                                           GM=gm, HEAD_DIM=d, BLOCK_M=max(16, triton.next_power_of_2(gm)),
+                                           BLOCK_N=BLOCK_N, num_warps=4, num_stages=2)  # fmt: skip
+    _combine_kernel[(batch, n_heads)](o, lse, out, n_heads, splits, HEAD_DIM=d,
+                                      SPLITS=triton.next_power_of_2(splits), BLOCK_S=BLOCK_S)  # fmt: skip
+    return out
+
+
+@attention.register_fake
+def _(query, keys, values, pos, rows, scaling):
+    return query.new_empty(query.shape)

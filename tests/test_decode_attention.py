@@ -1,0 +1,119 @@
+"""kvshare.decode_attention's split-KV kernels equal a plain softmax attention per query head, over the cache up to
+pos, for equal, unequal and single KV-head groups (run by Triton's CPU interpreter; skipped where triton is not
+installed, as in CI)."""
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # read when triton is imported: the kernels run on the CPU
+triton = pytest.importorskip("triton")
+
+
+@pytest.fixture(autouse=True)
+def _scalar_index(monkeypatch):
+    """Triton 3.5's interpreter makes a loop bound an int by int() of a 1-element array, which numpy 2.4 refuses (the
+    kernel's loop is bounded by its program id and pos); later Triton takes the element."""
+    from triton.runtime import interpreter
+
+    patch = interpreter._patch_lang_tensor
+
+    def patched(tensor):
+        patch(tensor)
+        tensor.__index__ = lambda self: int(self.handle.data.item())
+
+    monkeypatch.setattr(interpreter, "_patch_lang_tensor", patched)
+
+
+GQA = [[0, 1], [2, 3], [4, 5], [6, 7]]
+UNEQUAL = [[5, 0, 2], [1], [3, 4, 6, 7]]
+MQA = [list(range(8))]
+
+
+def _rows(groups):
+    gm = max(len(g) for g in groups)
+    return torch.tensor([g + [-1] * (gm - len(g)) for g in groups], dtype=torch.int32)
+
+
+def _reference(query, keys, values, pos, groups, scaling):
+    out = torch.empty_like(query)
+    for kv, group in enumerate(groups):
+        k, v = keys[:, kv, : pos + 1], values[:, kv, : pos + 1]
+        for h in group:
+            scores = torch.einsum("bd,bnd->bn", query[:, h], k) * scaling
+            out[:, h] = torch.einsum("bn,bnd->bd", scores.softmax(-1), v)
+    return out
+
+
+def _check(groups, batch=1, max_len=128, pos=70, d=16):
+    from kvshare.decode_attention import attention
+
+    torch.manual_seed(0)
+    n_heads = sum(len(g) for g in groups)
+    query = torch.randn(batch, n_heads, d)
+    keys, values = torch.randn(2, batch, len(groups), max_len, d).unbind(0)
+    keys[:, :, pos + 1 :], values[:, :, pos + 1 :] = float("nan"), float("inf")  # unwritten cache: never read
+    out = attention(query, keys, values, torch.tensor([pos]), _rows(groups), d**-0.5)
+    assert out.shape == query.shape and not out.isnan().any()
+    assert (out - _reference(query, keys, values, pos, groups, d**-0.5)).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize(
+    ("groups", "batch", "max_len", "pos", "d"),
+    [
+        (GQA, 1, 128, 70, 16),
+        (UNEQUAL, 1, 200, 0, 16),  # max_len not a multiple of BLOCK_N; all but the first chunk past pos
+        (UNEQUAL, 2, 200, 100, 32),
+        (UNEQUAL, 1, 200, 199, 16),
+        (MQA, 2, 130, 129, 16),
+    ],
+)
+def test_equals_reference(groups, batch, max_len, pos, d):
+    _check(groups, batch, max_len, pos, d)
+
+
+def test_long_chunks_and_merge_steps(monkeypatch):
+    """Chunks of several blocks (few programs wanted), and more chunks than the merge reads in one step."""
+    import kvshare.decode_attention as da
+
+    monkeypatch.setattr(da, "BLOCK_N", 16)
+    monkeypatch.setattr(da, "BLOCK_S", 4)
+    assert da._splits(1, 3, 200) == (13, 16)
+    _check(UNEQUAL, max_len=200, pos=150)
+    monkeypatch.setattr(da, "PROGRAMS", 12)
+    assert da._splits(1, 3, 200) == (5, 48)
+    _check(UNEQUAL, max_len=200, pos=150)
+    _check(UNEQUAL, max_len=200, pos=40)
+
+
+def test_splits_fill_the_gpu_from_shapes():
+    from kvshare.decode_attention import BLOCK_N, PROGRAMS, _splits
+
+    assert _splits(1, 8, 4096) == (64, BLOCK_N)  # 33 chunks wanted of 64 blocks: one a chunk
+    assert _splits(4, 8, 4096) == (10, 7 * BLOCK_N)  # 9 wanted: 7 blocks a chunk
+    assert _splits(64, 8, 4096) == (1, 4096)
+    assert _splits(1, 1, 100) == (2, BLOCK_N)  # at most one chunk a block
+    splits, chunk = _splits(2, 3, 5000)
+    assert 2 * 3 * splits >= PROGRAMS and chunk % BLOCK_N == 0 and (splits - 1) * chunk < 5000 <= splits * chunk
+
+
+def test_half_precision():
+    """fp16 (the interpreter's tl.dot reads bf16 as integers: bf16 is left to the GPU)."""
+    from kvshare.decode_attention import attention
+
+    torch.manual_seed(0)
+    query, keys, values = torch.randn(1, 4, 16), torch.randn(1, 2, 64, 16), torch.randn(1, 2, 64, 16)
+    rows = _rows([[0, 3], [1, 2]])
+    out = attention(query.half(), keys.half(), values.half(), torch.tensor([40]), rows, 0.25)
+    assert out.dtype == torch.float16
+    ref = _reference(query, keys, values, 40, [[0, 3], [1, 2]], 0.25)
+    assert (out.float() - ref).abs().max() <= 1e-2
+
+
+def test_head_dim_power_of_two():
+    from kvshare.decode_attention import attention
+
+    x = torch.zeros(1, 2, 24)
+    with pytest.raises(ValueError, match="24"):
+        attention(x, x.view(1, 1, 2, 24), x.view(1, 1, 2, 24), torch.tensor([0]), _rows([[0, 1]]), 1.0)
