@@ -574,9 +574,9 @@ def main() -> None:
     )
     ap.add_argument(
         "--decode-attention",
-        choices=["flex", "sdpa", "matmul"],
+        choices=["flex", "sdpa", "matmul", "triton"],
         default="flex",
-        help="kvshare models' decode attention (flex: the graph path only)",
+        help="kvshare models' decode attention (flex, triton: the graph path only)",
     )
     ap.add_argument("--compile-unit", choices=["layer", "step"], default="layer",
                     help="the graph path compiles each layer, or the whole step as one graph")  # fmt: skip

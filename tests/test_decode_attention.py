@@ -117,3 +117,26 @@ def test_head_dim_power_of_two():
     x = torch.zeros(1, 2, 24)
     with pytest.raises(ValueError, match="24"):
         attention(x, x.view(1, 1, 2, 24), x.view(1, 1, 2, 24), torch.tensor([0]), _rows([[0, 1]]), 1.0)
+
+
+@pytest.mark.parametrize("method", ["qcqa-ac", "qcqa-ac+cla2", "mqa"])
+@torch.no_grad()
+def test_graph_decoder_with_the_kernel_equals_reference(method):
+    """GraphDecoder(attention="triton") passes each layer's query heads, cache and groups to the kernel as it
+    expects: the reference path's tokens and last-step logits (eager layers, the kernel interpreted)."""
+    from kvshare.decode import GraphDecoder
+    from kvshare.merge import convert_model
+    from kvshare.plan import ModelShape
+    from tests.builders import tiny_llama
+    from tests.test_decode import reference
+    from tests.test_modeling import greedy, plans, tokens
+
+    base = tiny_llama(heads=8, kv_heads=4, layers=4)
+    plan = plans(ModelShape.of(base.config))[method]
+    x, new = tokens(batch=2, length=7), 4
+    expected = greedy(reference(base, plan), x, new)
+    decoder = GraphDecoder(convert_model(base, plan), 2, x.shape[1] + new - 1, attention="triton", backend=None)
+    assert torch.equal(decoder.generate(x, new), expected.sequences)
+    cached = x.shape[1] + new - 1
+    logits = decoder.step(expected.sequences[:, cached - 1 : cached], torch.tensor([cached - 1]))
+    assert (logits - expected.logits[-1]).abs().max() <= 1e-4

@@ -159,10 +159,10 @@ def _decode_attention(rows, keys, values, pos, spec: LayerSpec):
 def _decode_layer(x, pos, cos, sin, keys, values, w: tuple, spec: LayerSpec):
     """One decoder layer for one token per sequence, x [batch, 1, hidden]; writes the layer's K/V at ``pos``.
     ``w``: input norm, fused q/k/v weight and bias, query slot and unslot indices (unequal groups; else None),
-    o weight and bias, post-attention norm, fused gate/up weight and bias, down weight and bias."""
+    each KV head's query heads (``rows``, for attention "triton"), o weight and bias, post-attention norm, fused gate/up weight and bias, down weight and bias."""
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-    ln1, qkv_w, qkv_b, slots, unslots, o_w, o_b, ln2, gu_w, gu_b, down_w, down_b = w
+    ln1, qkv_w, qkv_b, slots, unslots, rows, o_w, o_b, ln2, gu_w, gu_b, down_w, down_b = w
     batch, d = x.shape[0], spec.head_dim
     parts = spec.linear(x, qkv_w, qkv_b, ln1, spec.eps).split(spec.qkv_sizes, -1)
     query = parts[0].view(batch, 1, -1, d).transpose(1, 2)
@@ -173,12 +173,17 @@ def _decode_layer(x, pos, cos, sin, keys, values, w: tuple, spec: LayerSpec):
         values.index_copy_(2, pos, value)
     else:
         query = apply_rotary_pos_emb(query, query, cos, sin)[0]
-    if slots is not None:
-        query = query.index_select(1, slots)
-    out = _decode_attention(query.reshape(batch, spec.n_kv, spec.gmax, d), keys, values, pos, spec)
-    out = out.reshape(batch, -1, d)
-    if unslots is not None:
-        out = out.index_select(1, unslots)
+    if spec.attention == "triton":  # gathers each KV head's query heads itself, in any grouping
+        from kvshare.decode_attention import attention
+
+        out = attention(query.reshape(batch, -1, d).contiguous(), keys, values, pos, rows, spec.scaling)
+    else:
+        if slots is not None:
+            query = query.index_select(1, slots)
+        out = _decode_attention(query.reshape(batch, spec.n_kv, spec.gmax, d), keys, values, pos, spec)
+        out = out.reshape(batch, -1, d)
+        if unslots is not None:
+            out = out.index_select(1, unslots)
     x = spec.linear(out.reshape(batch, 1, -1), o_w, o_b, residual=x)
     gate_up = spec.linear(x, gu_w, gu_b, ln2, spec.eps)
     return spec.linear(gate_up, down_w, down_b, act=spec.act, residual=x)
@@ -196,7 +201,8 @@ class GraphDecoder:
     gate/up projections fused into one product each (:func:`_fuse`); each KV head's query heads, unequal groups
     padded to the largest, are the query rows of one attention over its cached K/V, so every KV head is read
     once (``attention``: "flex", torch's FlexAttention, whose decode kernel splits the context across the GPU;
-    "sdpa" or "matmul" as in kvshare.modeling); a CLA layer reads its producer's entry. The position is a device
+    "sdpa" or "matmul" as in kvshare.modeling; "triton", kvshare.decode_attention's split-context kernel, which
+    gathers each KV head's query heads itself, with no padding); a CLA layer reads its producer's entry. The position is a device
     tensor the graph advances, and each step writes its token into a device buffer.
 
     Each layer is compiled on its own (``backend``; None runs eagerly), so layers alike share one compile, or the
@@ -218,8 +224,8 @@ class GraphDecoder:
                 f"GraphDecoder needs a kvshare model, got model_type={model.config.model_type!r}: "
                 "convert it with kvshare.merge.convert_model, or use compile_for_decode with generate"
             )
-        if attention not in ("flex", "sdpa", "matmul"):
-            raise ValueError(f"attention={attention!r} is not one of flex, sdpa, matmul")
+        if attention not in ("flex", "sdpa", "matmul", "triton"):
+            raise ValueError(f"attention={attention!r} is not one of flex, sdpa, matmul, triton")
         if gemv not in ("cublas", "triton"):
             raise ValueError(f"gemv={gemv!r} is not one of cublas, triton")
         if compile_unit not in ("layer", "step"):
@@ -247,16 +253,22 @@ class GraphDecoder:
         self._graphs, self._at = {}, 0
 
     def _layer_inputs(self, layer, attention: str, linear) -> tuple:
+        import torch
+
         attn, mlp, config = layer.self_attn, layer.mlp, self.model.config
         stores = attn.kv_layer == attn.layer_idx
         qkv_w, qkv_b = _fuse([attn.q_proj, attn.k_proj, attn.v_proj] if stores else [attn.q_proj])
         gu_w, gu_b = _fuse([mlp.gate_proj, mlp.up_proj])
         slots = attn._index["slots"] if attn._slots is not None else None
         unslots = attn._index["unslots"] if attn._slots is not None else None
+        q_to_kv = attn._q_to_kv or [h // attn._gmax for h in range(config.num_attention_heads)]
+        groups = [[h for h, g in enumerate(q_to_kv) if g == kv] for kv in range(attn.n_kv)]
+        rows = [group + [-1] * (attn._gmax - len(group)) for group in groups]
+        rows = torch.tensor(rows, dtype=torch.int32, device=self.device)
         sizes = (config.num_attention_heads * attn.head_dim,) + (attn.n_kv * attn.head_dim,) * (2 if stores else 0)
         spec = LayerSpec(stores, attn.n_kv, attn._gmax, attn.head_dim, attn.scaling, config.rms_norm_eps, sizes,
                          config.hidden_act, attention, linear)  # fmt: skip
-        w = (layer.input_layernorm.weight, qkv_w, qkv_b, slots, unslots, attn.o_proj.weight, attn.o_proj.bias,
+        w = (layer.input_layernorm.weight, qkv_w, qkv_b, slots, unslots, rows, attn.o_proj.weight, attn.o_proj.bias,
              layer.post_attention_layernorm.weight, gu_w, gu_b, mlp.down_proj.weight, mlp.down_proj.bias)  # fmt: skip
         return attn.kv_layer, w, spec
 
