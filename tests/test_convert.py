@@ -105,6 +105,22 @@ def test_streamed_conversion_equals_the_in_memory_reference(source, store, metho
             assert (got - base(x).logits).abs().max() <= 1e-5  # the identity plan changes nothing
 
 
+def test_output_is_readable_as_a_folder_written_in_place_and_leaves_snakemakes_marker(source, store, tmp_path):
+    """Written atomically (temporary 0700/0600 files), the checkpoint still gets the permissions mkdir and open
+    give; the source's `.snakemake_timestamp` (a directory output's marker) is not copied."""
+    import os
+
+    family, folder, model = source
+    (folder / ".snakemake_timestamp").touch()
+    run_convert(store, tmp_path, folder, plans(shape_of(folder))["qcqa-ac"], tmp_path / "out")
+    umask = os.umask(0)
+    os.umask(umask)
+    out = tmp_path / "out"
+    assert not (out / ".snakemake_timestamp").exists()
+    assert out.stat().st_mode & 0o777 == 0o777 & ~umask
+    assert all(path.stat().st_mode & 0o777 == 0o666 & ~umask for path in out.iterdir())
+
+
 def test_float32_output_of_a_bf16_source_and_cache_bytes(source, store, tmp_path):
     family, folder, model = source
     plan = plans(shape_of(folder))["qcqa-ac+cla2"]

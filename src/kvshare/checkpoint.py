@@ -38,7 +38,8 @@ WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 KVSHARE_MODEL_TYPE = "kvshare_llama"
 # Files of a model folder that are not carried over to a model derived from it (tokenizer files are).
-_NOT_CARRIED = (CONFIG, INDEX, SPEC, BASE_RECORD, REMOTE_CODE)
+# Written anew for each checkpoint; Snakemake's marker of a directory output belongs to the source alone.
+_NOT_CARRIED = (CONFIG, INDEX, SPEC, BASE_RECORD, REMOTE_CODE, ".snakemake_timestamp")
 
 
 def _json(path: Path, what: str) -> dict:
