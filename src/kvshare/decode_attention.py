@@ -109,6 +109,8 @@ def attention(
     gm = rows.shape[1]
     if d & (d - 1):
         raise ValueError(f"decode attention needs a power-of-2 head_dim, got {d}")
+    if not (query.is_contiguous() and keys.is_contiguous() and values.is_contiguous()):
+        raise ValueError("decode attention reads query, keys and values as contiguous tensors: pass .contiguous()")
     splits, chunk = _splits(batch, n_kv, max_len)
     o = torch.empty(batch, n_heads, splits, d, dtype=torch.float32, device=query.device)
     lse = torch.empty(batch, n_heads, splits, dtype=torch.float32, device=query.device)
