@@ -119,7 +119,7 @@ def test_head_dim_power_of_two():
         attention(x, x.view(1, 1, 2, 24), x.view(1, 1, 2, 24), torch.tensor([0]), _rows([[0, 1]]), 1.0)
 
 
-@pytest.mark.parametrize("method", ["qcqa-ac", "qcqa-ac+cla2", "mqa"])
+@pytest.mark.parametrize("method", ["gqa", "qcqa-ac", "qcqa-ec", "cla2", "mqa", "qcqa-ac+cla2"])
 @torch.no_grad()
 def test_graph_decoder_with_the_kernel_equals_reference(method):
     """GraphDecoder(attention="triton") passes each layer's query heads, cache and groups to the kernel as it
