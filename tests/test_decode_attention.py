@@ -79,23 +79,24 @@ def test_long_chunks_and_merge_steps(monkeypatch):
 
     monkeypatch.setattr(da, "BLOCK_N", 16)
     monkeypatch.setattr(da, "BLOCK_S", 4)
-    assert da._splits(1, 3, 200) == (13, 16)
+    assert da._splits(1, 3, 200, da._programs(torch.device("cpu"))) == (13, 16)
     _check(UNEQUAL, max_len=200, pos=150)
-    monkeypatch.setattr(da, "PROGRAMS", 12)
-    assert da._splits(1, 3, 200) == (5, 48)
+    monkeypatch.setattr(da, "SMS", 6)
+    assert da._splits(1, 3, 200, da._programs(torch.device("cpu"))) == (5, 48)
     _check(UNEQUAL, max_len=200, pos=150)
     _check(UNEQUAL, max_len=200, pos=40)
 
 
 def test_splits_fill_the_gpu_from_shapes():
-    from kvshare.decode_attention import BLOCK_N, PROGRAMS, _splits
+    from kvshare.decode_attention import BLOCK_N, _splits
 
-    assert _splits(1, 8, 4096) == (64, BLOCK_N)  # 33 chunks wanted of 64 blocks: one a chunk
-    assert _splits(4, 8, 4096) == (10, 7 * BLOCK_N)  # 9 wanted: 7 blocks a chunk
-    assert _splits(64, 8, 4096) == (1, 4096)
-    assert _splits(1, 1, 100) == (2, BLOCK_N)  # at most one chunk a block
-    splits, chunk = _splits(2, 3, 5000)
-    assert 2 * 3 * splits >= PROGRAMS and chunk % BLOCK_N == 0 and (splits - 1) * chunk < 5000 <= splits * chunk
+    assert _splits(1, 8, 4096, 264) == (64, BLOCK_N)  # 33 chunks wanted of 64 blocks: one a chunk
+    assert _splits(4, 8, 4096, 264) == (10, 7 * BLOCK_N)  # 9 wanted: 7 blocks a chunk
+    assert _splits(64, 8, 4096, 264) == (1, 4096)
+    assert _splits(1, 1, 100, 264) == (2, BLOCK_N)  # at most one chunk a block
+    assert _splits(1, 8, 4096, 216) == (32, 2 * BLOCK_N)  # an A100's 108 multiprocessors: 27 wanted
+    splits, chunk = _splits(2, 3, 5000, 264)
+    assert 2 * 3 * splits >= 264 and chunk % BLOCK_N == 0 and (splits - 1) * chunk < 5000 <= splits * chunk
 
 
 def test_half_precision():

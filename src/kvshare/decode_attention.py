@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 BLOCK_N = 64  # context positions per step of a chunk's walk
-PROGRAMS = 2 * 132  # partial-kernel programs to aim for: two per SM of an H100 or H200
+SMS = 132  # an H100's or H200's multiprocessors: the count off CUDA (Triton's interpreter)
 BLOCK_S = 16  # chunks the merge reads per step
 
 
@@ -86,13 +86,18 @@ def _combine_kernel(o_ptr, lse_ptr, out_ptr, n_heads, splits, HEAD_DIM: tl.const
     tl.store(out_ptr + bh * HEAD_DIM + rd, out.to(out_ptr.dtype.element_ty))
 
 
-def _splits(batch: int, n_kv: int, max_len: int) -> tuple[int, int]:
+def _programs(device) -> int:
+    """Partial-kernel programs to aim for: two per multiprocessor."""
+    return 2 * (torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else SMS)
+
+
+def _splits(batch: int, n_kv: int, max_len: int, programs: int) -> tuple[int, int]:
     """The number of chunks and each one's length."""
     blocks = triton.cdiv(max_len, BLOCK_N)
     # From static shapes alone (a CUDA graph replays it at every position): whole blocks of BLOCK_N positions a
-    # chunk, as many as still leave batch × n_kv × chunks at least PROGRAMS (one block a chunk where the context
+    # chunk, as many as still leave batch × n_kv × chunks at least ``programs`` (one block a chunk where the context
     # is too short for that), and no chunk starting past max_len.
-    per_chunk = max(1, blocks // triton.cdiv(PROGRAMS, batch * n_kv))
+    per_chunk = max(1, blocks // triton.cdiv(programs, batch * n_kv))
     return triton.cdiv(blocks, per_chunk), per_chunk * BLOCK_N
 
 
@@ -111,7 +116,7 @@ def attention(
         raise ValueError(f"decode attention needs a power-of-2 head_dim, got {d}")
     if not (query.is_contiguous() and keys.is_contiguous() and values.is_contiguous()):
         raise ValueError("decode attention reads query, keys and values as contiguous tensors: pass .contiguous()")
-    splits, chunk = _splits(batch, n_kv, max_len)
+    splits, chunk = _splits(batch, n_kv, max_len, _programs(query.device))
     o = torch.empty(batch, n_heads, splits, d, dtype=torch.float32, device=query.device)
     lse = torch.empty(batch, n_heads, splits, dtype=torch.float32, device=query.device)
     out = torch.empty_like(query)
