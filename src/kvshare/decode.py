@@ -159,7 +159,8 @@ def _decode_attention(rows, keys, values, pos, spec: LayerSpec):
 def _decode_layer(x, pos, cos, sin, keys, values, w: tuple, spec: LayerSpec):
     """One decoder layer for one token per sequence, x [batch, 1, hidden]; writes the layer's K/V at ``pos``.
     ``w``: input norm, fused q/k/v weight and bias, query slot and unslot indices (unequal groups; else None),
-    each KV head's query heads (``rows``, for attention "triton"), o weight and bias, post-attention norm, fused gate/up weight and bias, down weight and bias."""
+    each KV head's query heads (``rows``, for attention "triton"), o weight and bias, post-attention norm, fused
+    gate/up weight and bias, down weight and bias."""
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
     ln1, qkv_w, qkv_b, slots, unslots, rows, o_w, o_b, ln2, gu_w, gu_b, down_w, down_b = w
@@ -202,15 +203,15 @@ class GraphDecoder:
     padded to the largest, are the query rows of one attention over its cached K/V, so every KV head is read
     once (``attention``: "flex", torch's FlexAttention, whose decode kernel splits the context across the GPU;
     "sdpa" or "matmul" as in kvshare.modeling; "triton", kvshare.decode_attention's split-context kernel, which
-    gathers each KV head's query heads itself, with no padding); a CLA layer reads its producer's entry. The position is a device
-    tensor the graph advances, and each step writes its token into a device buffer.
+    gathers each KV head's query heads itself, with no padding); a CLA layer reads its producer's entry. The
+    position is a device tensor the graph advances, and each step writes its token into a device buffer.
 
     Each layer is compiled on its own (``backend``; None runs eagerly), so layers alike share one compile, or the
     whole step as one (``compile_unit="step"``). The
     model stays a transformers model (``generate`` still works); build the decoder after moving the model to its
     device, since the graphs hold the addresses of its weights. Off CUDA (tests) the steps run without a graph.
-    ``gemv`` ("cublas" or "triton": kvshare.gemv's kernel for up to 16 rows) picks the decode step's matrix
-    products on CUDA.
+    ``gemv`` ("cublas" or "triton": kvshare.gemv's kernel for up to 16 rows, the norms before the products, the
+    gated activation and the residuals computed inside them) picks the decode step's matrix products on CUDA.
     """
 
     def __init__(self, model, batch_size, max_cache_len, attention="flex", steps_per_graph=8, backend="inductor",
