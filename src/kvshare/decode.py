@@ -262,7 +262,7 @@ class GraphDecoder:
         gu_w, gu_b = _fuse([mlp.gate_proj, mlp.up_proj])
         slots = attn._index["slots"] if attn._slots is not None else None
         unslots = attn._index["unslots"] if attn._slots is not None else None
-        q_to_kv = attn._q_to_kv or [h // attn._gmax for h in range(config.num_attention_heads)]
+        q_to_kv = config.q_to_kv[attn.layer_idx]
         groups = [[h for h, g in enumerate(q_to_kv) if g == kv] for kv in range(attn.n_kv)]
         rows = [group + [-1] * (attn._gmax - len(group)) for group in groups]
         rows = torch.tensor(rows, dtype=torch.int32, device=self.device)

@@ -21,10 +21,10 @@ def _umask() -> int:
     return mask
 
 
-def _as_created(path: str | Path, mode: int) -> None:
+def _as_created(path: str | Path, mode: int, umask: int) -> None:
     """Give a temporary file (0600) or folder (0700) the permissions open() or mkdir() would have: others on a
     shared machine read a stage's outputs."""
-    os.chmod(path, mode & ~_umask())
+    os.chmod(path, mode & ~umask)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -34,7 +34,7 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
-        _as_created(tmp, 0o666)
+        _as_created(tmp, 0o666, _umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -52,11 +52,12 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     try:
-        _as_created(tmp, 0o777)
+        umask = _umask()
+        _as_created(tmp, 0o777, umask)
         yield tmp
         for file in tmp.rglob("*"):  # safetensors writes its files 0600
             if file.is_file():
-                _as_created(file, 0o666)
+                _as_created(file, 0o666, umask)
         if path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)
@@ -73,7 +74,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
     os.close(fd)
     try:
-        _as_created(tmp, 0o666)
+        _as_created(tmp, 0o666, _umask())
         yield Path(tmp)
         os.replace(tmp, path)
     except BaseException:
