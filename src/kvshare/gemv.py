@@ -8,10 +8,11 @@ whole reduction with software pipelining, and lets Triton's autotuner pick the b
 first call of each shape: run it once before capturing a CUDA graph). More rows, or no GPU: the same
 operations in PyTorch (:func:`kvshare.decode.linear_reference`).
 
-At batch 1 a 7B layer's products take about 0.1 ms, and every other kernel of the layer costs a few
-microseconds more, so the norm before a product (``norm``), the gated activation before the down projection
-(``glu``) and the residual after it (``residual``) are computed inside the product: every program reads all of
-``x`` anyway. Each is rounded to the input's dtype where PyTorch's modules round it.
+At batch 1 a 7B layer's weights take about 0.1 ms to read at 4.3 TB/s, and the step's kernels other than
+its products and attention took about 0.65 ms of an 8.14 ms step on an H100 (by difference,
+benchmarks/results/decode_floor/h100), so the norm before a product (``norm``), the gated activation before
+the down projection (``act``) and the residual after it (``residual``) are computed inside the product: every
+program reads all of ``x`` anyway. Each is rounded to the input's dtype where PyTorch's modules round it.
 
 :func:`linear` is a torch custom op, so torch.compile leaves it as one opaque call inside a compiled decode
 layer. Importing this module needs ``triton`` (shipped with CUDA builds of torch).
