@@ -1,5 +1,6 @@
 """The fast decode path (compiled step, static cache, sdpa fast paths) computes what the reference path does."""
 
+import os
 import sys
 from pathlib import Path
 
@@ -220,6 +221,9 @@ def test_graph_decoder_names_what_does_not_fit(base):
         decoder.decode(2)
     with pytest.raises(ValueError, match="attention='flash' is not one of"):
         GraphDecoder(model, 2, 9, attention="flash")
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        with pytest.raises(ValueError, match="attention='triton' runs on CUDA .* on cpu"):
+            GraphDecoder(model, 2, 9, attention="triton")
     with pytest.raises(TypeError, match="needs a kvshare model, got model_type='llama'"):
         GraphDecoder(base, 2, 9)
 

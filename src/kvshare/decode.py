@@ -17,6 +17,7 @@ and plain Llama-family models (transformers' ``StaticCache``).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -227,6 +228,11 @@ class GraphDecoder:
             )
         if attention not in ("flex", "sdpa", "matmul", "triton"):
             raise ValueError(f"attention={attention!r} is not one of flex, sdpa, matmul, triton")
+        if attention == "triton" and model.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError(
+                f"attention='triton' runs on CUDA (or under TRITON_INTERPRET=1), but the model is on "
+                f"{model.device}: move it to a GPU, or pick attention='flex', 'sdpa' or 'matmul'"
+            )
         if gemv not in ("cublas", "triton"):
             raise ValueError(f"gemv={gemv!r} is not one of cublas, triton")
         if compile_unit not in ("layer", "step"):
