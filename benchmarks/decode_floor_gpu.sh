@@ -6,7 +6,7 @@
 # STEP: kernels[:PARTS] (decode_kernels_bench: the parts of a step, which pick the options of the steps after it) |
 # decode:V1,V2,... (7B, batch 1 and 32, the variants alternating; at most three 7B models at once, so that
 # their batch-32 caches fit an 80 GB card) | step:V,... (the same, the step compiled as one graph) |
-# cublas:V,... (batch 1, the products by cuBLAS) | max:V (7B at its largest batch) | prefill:MODE (gqa and qcqa-ac, MODE buckets or gather) |
+# cublas:V,... | triton:V,... (batch 1 and 32, the products by cuBLAS or kvshare.gemv) | max:V (7B at its largest batch) | prefill:MODE (gqa and qcqa-ac, MODE buckets or gather) |
 # small:SHAPE (decode of a small shape, every variant) | check:V,... (graph decoder against eager generate)
 set -uo pipefail
 deadline=$(( $(date +%s) + $1 )); shift
@@ -25,7 +25,7 @@ for step in "$@"; do
     kernels) timeout $left python benchmarks/decode_kernels_bench.py --out "$out" --parts gemv,attention ;;
     kernels:*) timeout $left python benchmarks/decode_kernels_bench.py --out "$out" --parts "$arg" ;;
     decode:*) timeout $left $bench --shape llama2-7b --variants "$arg" --batches 1,32 $(opts) --out "$dir" ;;
-    cublas:*) timeout $left $bench --shape llama2-7b --variants "$arg" --batches 1 $(opts | sed 's/--gemv [a-z]*/--gemv cublas/') --out "$dir" ;;
+    cublas:*|triton:*) timeout $left $bench --shape llama2-7b --variants "$arg" --batches 1,32 $(opts | sed "s/--gemv [a-z]*/--gemv ${step%%:*}/") --out "$dir" ;;
     step:*) timeout $left $bench --shape llama2-7b --variants "$arg" --batches 1,32 $(opts) --compile-unit step --out "$dir" ;;
     max:*) timeout $left $bench --shape llama2-7b --phase max --variants "$arg" $(opts) --out "$dir" ;;
     prefill:*) timeout $left $bench --shape llama2-7b --phase prefill --variants gqa,qcqa-ac --prefill-attention "$arg" --reps 5 --out "$dir" ;;

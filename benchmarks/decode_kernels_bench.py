@@ -59,8 +59,8 @@ def graph_ms(fn, reps: int = 20) -> float:
 
 def step_products(decoder, rows: int) -> list[tuple]:
     """Every product of one step as the decoder calls it, with random inputs of ``rows`` rows: (x, weight, bias,
-    norm, eps, act, residual) for q/k/v and gate/up fused (each after its RMSNorm), o and down (each adding the
-    residual, down after SiLU(gate) × up), and the logits (after the final norm)."""
+    norm, eps, act, residual) for q/k/v and gate/up fused (each after its RMSNorm, gate/up then SiLU(gate) × up),
+    o and down (each adding the residual), and the logits (after the final norm)."""
     model = decoder.model
     hidden, eps, act = model.config.hidden_size, model.config.rms_norm_eps, model.config.hidden_act
 
@@ -72,7 +72,7 @@ def step_products(decoder, rows: int) -> list[tuple]:
         ln1, qkv_w, qkv_b, _, _, _, o_w, o_b, ln2, gu_w, gu_b, down_w, down_b = w
         x = rand(hidden, qkv_w)
         out += [(x, qkv_w, qkv_b, ln1, eps, None, None), (rand(o_w.shape[1], o_w), o_w, o_b, None, 0.0, None, x),
-                (x, gu_w, gu_b, ln2, eps, None, None), (rand(gu_w.shape[0], gu_w), down_w, down_b, None, 0.0, act, x)]  # fmt: skip
+                (x, gu_w, gu_b, ln2, eps, act, None), (rand(down_w.shape[1], down_w), down_w, down_b, None, 0.0, None, x)]  # fmt: skip
     head, norm = model.lm_head, model.model.norm
     return out + [(rand(hidden, head.weight), head.weight, head.bias, norm.weight, norm.variance_epsilon, None, None)]
 
@@ -86,7 +86,7 @@ def time_gemv(decoder, rows: int) -> dict:
     products = step_products(decoder, rows)
     nbytes = sum(p[1].numel() * p[1].element_size() for p in products)
     rec = {"rows": rows, "weight_bytes": nbytes}
-    bare = [(p[0] if p[5] is None else p[0][:, : p[1].shape[1]], p[1], p[2]) for p in products]
+    bare = [p[:3] for p in products]
 
     def worst(fn, ref, calls):
         diffs = []

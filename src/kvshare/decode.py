@@ -116,17 +116,17 @@ def _rms_norm(x, weight, eps):
 
 def linear_reference(x, weight, bias=None, norm=None, eps: float = 0.0, act: str | None = None, residual=None):
     """A Linear layer's product with what surrounds it in a decoder layer: ``x`` RMS-normed by ``norm`` (weight,
-    ``eps``) first, or with ``act``, x's two halves [gate, up] as ``act(gate) * up``; ``residual`` added after.
-    As PyTorch's modules compute it; kvshare.gemv.linear fuses the same into one kernel."""
+    ``eps``) first; with ``act``, the weight's rows are [gate; up] and the output ``act(gate) * up``;
+    ``residual`` added last. As PyTorch's modules compute it; kvshare.gemv.linear fuses the same into one kernel."""
     import torch.nn.functional as F
     from transformers.activations import ACT2FN
 
     if norm is not None:
         x = _rms_norm(x, norm, eps)
-    if act is not None:
-        gate, up = x.chunk(2, -1)
-        x = ACT2FN[act](gate) * up
     y = F.linear(x, weight, bias)
+    if act is not None:
+        gate, up = y.chunk(2, -1)
+        y = ACT2FN[act](gate) * up
     return y if residual is None else residual + y
 
 
@@ -187,8 +187,8 @@ def _decode_layer(x, pos, cos, sin, keys, values, w: tuple, spec: LayerSpec):
         if unslots is not None:
             out = out.index_select(1, unslots)
     x = spec.linear(out.reshape(batch, 1, -1), o_w, o_b, residual=x)
-    gate_up = spec.linear(x, gu_w, gu_b, ln2, spec.eps)
-    return spec.linear(gate_up, down_w, down_b, act=spec.act, residual=x)
+    hidden = spec.linear(x, gu_w, gu_b, ln2, spec.eps, act=spec.act)
+    return spec.linear(hidden, down_w, down_b, residual=x)
 
 
 class GraphDecoder:

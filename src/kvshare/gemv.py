@@ -9,10 +9,13 @@ first call of each shape: run it once before capturing a CUDA graph). More rows,
 operations in PyTorch (:func:`kvshare.decode.linear_reference`).
 
 At batch 1 a 7B layer's weights take about 0.1 ms to read at 4.3 TB/s, and the step's kernels other than
-its products and attention took about 0.65 ms of an 8.14 ms step on an H100 (by difference,
-benchmarks/results/decode_floor/h100), so the norm before a product (``norm``), the gated activation before
-the down projection (``act``) and the residual after it (``residual``) are computed inside the product: every
-program reads all of ``x`` anyway. Each is rounded to the input's dtype where PyTorch's modules round it.
+its products and attention took about 0.5 ms of a 5.4 ms step on an H100 (by difference,
+benchmarks/results/decode_floor/h100), so the norm before a product (``norm``), the gated activation after
+the gate/up product (``act``) and the residual (``residual``) are computed inside the products. Only what
+the product needs stays in its loop over x, which every program repeats: a first version that normalised x
+and applied SiLU(gate) × up to the down projection's input there took 7.17 ms for a 7B step's products
+against 4.37 ms without them (H100, 2026-12-06). Now the norm's scale multiplies x, its 1/rms and the
+activation are applied to the sums, each rounded to the input's dtype where PyTorch's modules round it.
 
 :func:`linear` is a torch custom op, so torch.compile leaves it as one opaque call inside a compiled decode
 layer. Importing this module needs ``triton`` (shipped with CUDA builds of torch).
@@ -26,7 +29,7 @@ import triton.language as tl
 
 from kvshare.decode import linear_reference
 
-MAX_ROWS = 16  # at 32 rows cuBLAS was as fast (H100, benchmarks/results/decode_floor)
+MAX_ROWS = 32  # bare products as fast as cuBLAS at 32 rows (H100): what is fused in is then saved
 
 CONFIGS = [
     triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
@@ -48,38 +51,41 @@ CONFIGS = [
 def _kernel(x_ptr, w_ptr, b_ptr, n_ptr, r_ptr, y_ptr, M, N, K: tl.constexpr, stride_xm, stride_wn, stride_rm,
             stride_ym, eps, HAS_BIAS: tl.constexpr, NORM: tl.constexpr, GLU: tl.constexpr, RESIDUAL: tl.constexpr,
             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+    # Work on x is repeated by every program (and on BLOCK_M rows, padding included), so the loop does only
+    # what the product needs: the norm's scale multiplies x, its 1/rms is applied to the sums; with GLU the
+    # weight's rows are [gate; up] and a program sums its gate columns and the matching up columns.
     rm = tl.arange(0, BLOCK_M)
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
     dtype = y_ptr.dtype.element_ty
-    if NORM:  # RMSNorm's scale per row: a first pass over x, which stays in cache for the product
-        squares = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        for i in range(tl.cdiv(K, BLOCK_K)):
-            kk = i * BLOCK_K + rk
-            mask = (rm[:, None] < M) & (kk[None, :] < K)
-            x = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :], mask=mask, other=0.0).to(tl.float32)
-            squares += tl.sum(x * x, axis=1)
-        scale = tl.rsqrt(squares / K + eps)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    squares = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     for i in range(tl.cdiv(K, BLOCK_K)):
         kk = i * BLOCK_K + rk
-        mask = (rm[:, None] < M) & (kk[None, :] < K)
-        x = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :], mask=mask, other=0.0)
+        x = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :], mask=(rm[:, None] < M) & (kk[None, :] < K),
+                    other=0.0)  # fmt: skip
         if NORM:
-            norm = tl.load(n_ptr + kk, mask=kk < K, other=0.0)
-            x = (x.to(tl.float32) * scale[:, None]).to(dtype) * norm[None, :]
-        if GLU:  # x holds [gate, up]: silu(gate) * up
-            up = tl.load(x_ptr + rm[:, None] * stride_xm + K + kk[None, :], mask=mask, other=0.0)
-            gate = x.to(tl.float32)
-            x = (gate / (1.0 + tl.exp(-gate))).to(dtype) * up
-        w = tl.load(
-            w_ptr + rn[:, None] * stride_wn + kk[None, :], mask=(rn[:, None] < N) & (kk[None, :] < K), other=0.0
-        )
+            squares += x.to(tl.float32) * x.to(tl.float32)
+            x = x * tl.load(n_ptr + kk, mask=kk < K, other=0.0)[None, :]
+        w_mask = (rn[:, None] < N) & (kk[None, :] < K)
+        w = tl.load(w_ptr + rn[:, None] * stride_wn + kk[None, :], mask=w_mask, other=0.0)
         acc += tl.dot(x.to(dtype), tl.trans(w))
+        if GLU:
+            w = tl.load(w_ptr + (N + rn[:, None]) * stride_wn + kk[None, :], mask=w_mask, other=0.0)
+            up += tl.dot(x.to(dtype), tl.trans(w))
+    if NORM:
+        rstd = tl.rsqrt(tl.sum(squares, axis=1) / K + eps)[:, None]
+        acc, up = acc * rstd, up * rstd
     if HAS_BIAS:
         acc += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
-    mask = (rm[:, None] < M) & (rn[None, :] < N)
+        if GLU:
+            up += tl.load(b_ptr + N + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
     y = acc.to(dtype)
+    if GLU:  # silu(gate) * up, each rounded as PyTorch's modules round them
+        gate = y.to(tl.float32)
+        y = (gate / (1.0 + tl.exp(-gate))).to(dtype) * up.to(dtype)
+    mask = (rm[:, None] < M) & (rn[None, :] < N)
     if RESIDUAL:
         y = y + tl.load(r_ptr + rm[:, None] * stride_rm + rn[None, :], mask=mask, other=0.0)
     tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], y, mask=mask)
@@ -88,8 +94,8 @@ def _kernel(x_ptr, w_ptr, b_ptr, n_ptr, r_ptr, y_ptr, M, N, K: tl.constexpr, str
 @torch.library.custom_op("kvshare::gemv", mutates_args=())
 def _gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, norm: torch.Tensor | None, eps: float,
           glu: bool, residual: torch.Tensor | None) -> torch.Tensor:  # fmt: skip
-    m = x.shape[0]
-    n, k = weight.shape
+    m, k = x.shape
+    n = weight.shape[0] // (2 if glu else 1)
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     block_m = max(16, triton.next_power_of_2(m))
 
@@ -106,17 +112,17 @@ def _gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, norm
 
 @_gemv.register_fake
 def _(x, weight, bias, norm, eps, glu, residual):
-    return x.new_empty(x.shape[0], weight.shape[0])
+    return x.new_empty(x.shape[0], weight.shape[0] // (2 if glu else 1))
 
 
 def linear(x, weight, bias=None, norm=None, eps: float = 0.0, act: str | None = None, residual=None):
     """:func:`kvshare.decode.linear_reference` (a Linear layer's product, with an RMSNorm before it, a gated
-    activation ``act`` of x's two halves, or a residual added), by the kernel above for up to MAX_ROWS rows on
-    CUDA (contiguous weight; the activation SiLU)."""
+    activation ``act`` of its [gate; up] halves, or a residual added), by the kernel above for up to MAX_ROWS
+    rows on CUDA (contiguous weight; the activation SiLU)."""
     rows = x.numel() // x.shape[-1]
     if rows > MAX_ROWS or not x.is_cuda or not weight.is_contiguous() or act not in (None, "silu"):
         return linear_reference(x, weight, bias, norm, eps, act, residual)
-    shape = (*x.shape[:-1], weight.shape[0])
+    shape = (*x.shape[:-1], weight.shape[0] // (1 if act is None else 2))
     flat = x.reshape(rows, x.shape[-1]).contiguous()
     res = None if residual is None else residual.reshape(rows, -1).contiguous()
     return _gemv(flat, weight, bias, norm, eps, act is not None, res).view(shape)
