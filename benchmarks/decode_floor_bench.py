@@ -62,6 +62,7 @@ from kvshare.decode import (  # noqa: E402
     compile_for_decode,
     floor_seconds,
     kv_bytes_per_token,
+    kv_read_bytes_per_token,
     static_cache,
 )
 from kvshare.io import atomic_write_json, atomic_write_text  # noqa: E402
@@ -208,8 +209,10 @@ def facts(model, batch, args) -> dict:
     kv = kv_bytes_per_token(model.config, model.dtype.itemsize)
     context = args.prompt + args.new / 2
     floor = floor_seconds(weights, kv, batch, context, args.bandwidth)
+    read = kv_read_bytes_per_token(model.config, model.dtype.itemsize)
     plan = model.kvshare_plan
     return dict(bandwidth=args.bandwidth, weights_bytes=weights, kv_bytes_per_token=kv, context=context, floor_ms=1e3 * floor,
+                read_floor_ms=1e3 * floor_seconds(weights, read, batch, context, args.bandwidth),
                 stored_kv_heads=plan.stored_kv_heads, kv_fraction=plan.kv_fraction)  # fmt: skip
 
 
@@ -495,8 +498,11 @@ def targets(cells: list[dict], gqa: dict) -> list[str]:
         where, base = f"{r['shape']} {r['variant']} [{r['path']}]", gqa.get(key)
         if r["phase"] == "decode" and r["batch"] in (1, 32):
             ok = r["fraction_of_floor"] >= 0.80
-            lines.append(f"- {'met' if ok else 'MISSED'}: {where} B={r['batch']} at {r['fraction_of_floor']:.2f} of "
-                         "its floor (target ≥ 0.80)")  # fmt: skip
+            line = f"- {'met' if ok else 'MISSED'}: {where} B={r['batch']} at {r['fraction_of_floor']:.2f} of its floor (target ≥ 0.80)"
+            if r.get("read_floor_ms", r["floor_ms"]) > r["floor_ms"]:  # CLA: attention reads shared K/V again
+                line += (f"; counting the K/V its CLA layers read again, floor {r['read_floor_ms']:.4g} ms and "
+                         f"{r['read_floor_ms'] / r['step_ms']:.2f} of it")  # fmt: skip
+            lines.append(line)
         if r["variant"] == "qcqa-ac" and base and r["phase"] in ("decode", "prefill"):
             ratio, want = r["tok_s"] / base["tok_s"], 0.95 if r["phase"] == "decode" else 0.97
             lines.append(f"- {'met' if ratio >= want else 'MISSED'}: {where} {r['phase']} B={r['batch']}: "

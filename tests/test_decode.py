@@ -9,7 +9,14 @@ import torch
 import torch._dynamo
 
 import kvshare.modeling as modeling
-from kvshare.decode import GraphDecoder, compile_for_decode, floor_seconds, kv_bytes_per_token, static_cache
+from kvshare.decode import (
+    GraphDecoder,
+    compile_for_decode,
+    floor_seconds,
+    kv_bytes_per_token,
+    kv_read_bytes_per_token,
+    static_cache,
+)
 from kvshare.merge import convert_model
 from kvshare.plan import ModelShape
 from tests.builders import tiny_llama
@@ -119,6 +126,9 @@ def test_floor_counts_weights_and_the_cache_they_read(base):
     model = convert_model(base, plan)
     assert kv_bytes_per_token(model.config, 2) == plan.kv_bytes_per_token(2)
     assert kv_bytes_per_token(base.config, 2) == 2 * 4 * 4 * 8 * 2
+    assert kv_read_bytes_per_token(base.config, 2) == kv_bytes_per_token(base.config, 2)
+    # cla2: each stored entry is attended to by its layer and the next
+    assert kv_read_bytes_per_token(model.config, 2) == 2 * kv_bytes_per_token(model.config, 2)
     assert floor_seconds(100, 10, batch=2, context=5, bandwidth=10.0) == 20.0
 
 

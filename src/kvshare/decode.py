@@ -66,6 +66,14 @@ def kv_bytes_per_token(config, dtype_bytes: int) -> int:
     return 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * dtype_bytes
 
 
+def kv_read_bytes_per_token(config, dtype_bytes: int) -> int:
+    """K and V bytes a decode step's attention reads per cached token: more than the cache holds where CLA layers
+    attend to an earlier layer's entry (a floor counting them: ``floor_seconds`` with this as ``kv_per_token``)."""
+    if hasattr(config, "read_bytes_per_token"):
+        return config.read_bytes_per_token(dtype_bytes)
+    return kv_bytes_per_token(config, dtype_bytes)
+
+
 def floor_seconds(weight_bytes: int, kv_per_token: int, batch: int, context: int, bandwidth: float) -> float:
     """The memory-bound floor of one decode step: every weight and every cached K/V read once."""
     return (weight_bytes + batch * context * kv_per_token) / bandwidth

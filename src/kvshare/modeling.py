@@ -84,6 +84,11 @@ class KVShareLlamaConfig(LlamaConfig):
         stored = sum(self.n_kv(i) for i in range(self.num_hidden_layers) if self.kv_layer[i] == i)
         return 2 * stored * self.head_dim * dtype_bytes
 
+    def read_bytes_per_token(self, dtype_bytes: int) -> int:
+        """K and V bytes a decode step's attention reads per cached token, per sequence: every layer reads the
+        entry it attends to, so a CLA layer reads its producer's again."""
+        return 2 * sum(self.n_kv(self.kv_layer[i]) for i in range(self.num_hidden_layers)) * self.head_dim * dtype_bytes
+
 
 def _equal_contiguous(q_to_kv: list[int]) -> int | None:
     """The group size if query heads map to KV heads in equal contiguous blocks (native GQA), else None."""
