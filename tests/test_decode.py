@@ -222,6 +222,7 @@ def test_graph_decoder_cuts_after_eos_as_generate_does(base):
 def test_graph_decoder_names_what_does_not_fit(base):
     model = convert_model(base, plans(ModelShape.of(base.config))["gqa"])
     decoder = GraphDecoder(model, 2, 9, backend=None)
+    assert {spec.attention for _, _, spec in decoder.layers} == {"flex"}  # the default off CUDA
     with pytest.raises(ValueError, match=r"max_cache_len=9, .* 7 \+ 4 tokens.* max_cache_len >= 10"):
         decoder.generate(tokens(batch=2, length=7), 4)
     with pytest.raises(ValueError, match=r"batch_size=2 .*batch of 3"):

@@ -210,20 +210,21 @@ class GraphDecoder:
     exactly the plan's K/V bytes). A decode step reads the model's weights and that cache as they are: q/k/v and
     gate/up projections fused into one product each (:func:`_fuse`); each KV head's query heads, unequal groups
     padded to the largest, are the query rows of one attention over its cached K/V, so every KV head is read
-    once (``attention``: "flex", torch's FlexAttention, whose decode kernel splits the context across the GPU;
-    "sdpa" or "matmul" as in kvshare.modeling; "triton", kvshare.decode_attention's split-context kernel, which
-    gathers each KV head's query heads itself, with no padding); a CLA layer reads its producer's entry. The
+    once (``attention``: "triton", the default on CUDA, kvshare.decode_attention's split-context kernel, which
+    gathers each KV head's query heads itself, with no padding; "flex", the default elsewhere, torch's
+    FlexAttention, whose decode kernel splits the context across the GPU; "sdpa" or "matmul" as in
+    kvshare.modeling); a CLA layer reads its producer's entry. The
     position is a device tensor the graph advances, and each step writes its token into a device buffer.
 
     Each layer is compiled on its own (``backend``; None runs eagerly), so layers alike share one compile, or the
     whole step as one (``compile_unit="step"``). The
     model stays a transformers model (``generate`` still works); build the decoder after moving the model to its
     device, since the graphs hold the addresses of its weights. Off CUDA (tests) the steps run without a graph.
-    ``gemv`` ("cublas" or "triton": kvshare.gemv's kernel for up to 16 rows, the norms before the products, the
+    ``gemv`` ("cublas" or "triton": kvshare.gemv's kernel for up to 32 rows, the norms before the products, the
     gated activation and the residuals computed inside them) picks the decode step's matrix products on CUDA.
     """
 
-    def __init__(self, model, batch_size, max_cache_len, attention="flex", steps_per_graph=8, backend="inductor",
+    def __init__(self, model, batch_size, max_cache_len, attention=None, steps_per_graph=8, backend="inductor",
                  gemv="cublas", compile_unit="layer"):  # fmt: skip
         import torch
 
@@ -234,6 +235,8 @@ class GraphDecoder:
                 f"GraphDecoder needs a kvshare model, got model_type={model.config.model_type!r}: "
                 "convert it with kvshare.merge.convert_model, or use compile_for_decode with generate"
             )
+        if attention is None:  # the fastest measured on CUDA (H100, batch 1 and 32); the others run anywhere
+            attention = "triton" if model.device.type == "cuda" else "flex"
         if attention not in ("flex", "sdpa", "matmul", "triton"):
             raise ValueError(f"attention={attention!r} is not one of flex, sdpa, matmul, triton")
         if attention == "triton" and model.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
