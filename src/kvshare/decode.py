@@ -220,7 +220,7 @@ class GraphDecoder:
     whole step as one (``compile_unit="step"``). The
     model stays a transformers model (``generate`` still works); build the decoder after moving the model to its
     device, since the graphs hold the addresses of its weights. Off CUDA (tests) the steps run without a graph.
-    ``gemv`` ("cublas" or "triton": kvshare.gemv's kernel for up to 32 rows, the norms before the products, the
+    ``gemv`` ("cublas" or "triton": kvshare.gemv's kernel for up to 16 rows, the norms before the products, the
     gated activation and the residuals computed inside them) picks the decode step's matrix products on CUDA.
     """
 

@@ -11,11 +11,13 @@ operations in PyTorch (:func:`kvshare.decode.linear_reference`).
 At batch 1 a 7B layer's weights take about 0.1 ms to read at 4.3 TB/s, and the step's kernels other than
 its products and attention took about 0.5 ms of a 5.4 ms step on an H100 (by difference,
 benchmarks/results/decode_floor/h100), so the norm before a product (``norm``), the gated activation after
-the gate/up product (``act``) and the residual (``residual``) are computed inside the products. Only what
-the product needs stays in its loop over x, which every program repeats: a first version that normalised x
-and applied SiLU(gate) × up to the down projection's input there took 7.17 ms for a 7B step's products
-against 4.37 ms without them (H100, 2026-12-06). Now the norm's scale multiplies x, its 1/rms and the
-activation are applied to the sums, each rounded to the input's dtype where PyTorch's modules round it.
+the gate/up product (``act``) and the residual (``residual``) are computed inside the products, each rounded
+to the input's dtype where PyTorch's modules round it. So far that costs more than it saves (H100,
+benchmarks/results/decode_floor/h100-gemv): a 7B step's products took 5.14 ms with them inside against
+4.39 ms bare, and the decode step 5.67 ms against 5.45 ms with cuBLAS and inductor's kernels around it, so
+GraphDecoder's default stays cuBLAS. Our reading (not profiled): work on x is repeated by every program,
+on BLOCK_M rows however few are real, and the norm's (x times its scale, the sum of squares) stays in the
+loop; a first version that also normalised x and applied SiLU(gate) × up there took 7.17 ms.
 
 :func:`linear` is a torch custom op, so torch.compile leaves it as one opaque call inside a compiled decode
 layer. Importing this module needs ``triton`` (shipped with CUDA builds of torch).
@@ -29,7 +31,7 @@ import triton.language as tl
 
 from kvshare.decode import linear_reference
 
-MAX_ROWS = 32  # bare products as fast as cuBLAS at 32 rows (H100): what is fused in is then saved
+MAX_ROWS = 16  # at 32 rows cuBLAS was faster (H100: 4.53 ms against 4.68 bare; a decode step 10.9 against 13.1 fused)
 
 CONFIGS = [
     triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
