@@ -5,8 +5,8 @@ Llama-2-7B shape in bf16 with random weights (speed depends on shapes only), eac
 step is made of, as one CUDA graph over all 32 layers, so launch gaps count as in a real step:
 
 * ``gemv``: every matrix product of a step (q/k/v and gate/up fused, as kvshare.decode.GraphDecoder does,
-  plus o, down and the logits), with cuBLAS (``F.linear``) and with kvshare.gemv's Triton kernel, at 1 and
-  32 rows; then with the norms, gated activation and residuals around them: PyTorch's kernels around cuBLAS
+  plus o, down and the logits), with cuBLAS (``F.linear``) and with kvshare.gemv (its Triton kernel up to
+  gemv.MAX_ROWS rows, PyTorch beyond), at 1 and 32 rows; then with the norms, gated activation and residuals around them: PyTorch's kernels around cuBLAS
   (``reference``) against Triton's with them fused in (``fused``); the weight bytes over the time is the
   bandwidth reached; the Triton outputs' largest differences from cuBLAS's and from the reference's, relative
   to the largest output, are recorded;
