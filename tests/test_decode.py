@@ -280,3 +280,22 @@ def test_fused_projections_leave_the_model_as_it_was(base, tmp_path):
     assert all(p.grad is not None for n, p in model.named_parameters() if "q_proj" in n or "gate_proj" in n)
     model.save_pretrained(tmp_path)
     assert torch.equal(type(model).from_pretrained(tmp_path)(x).logits, want)
+
+
+def test_bench_targets_give_cla_its_floor_counting_reads():
+    """decode_floor_bench's targets: a CLA cell's miss of the issue's floor is followed by its floor counting the
+    K/V its layers read again; a cell whose reads equal its cache has no such clause."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import decode_floor_bench as bench
+
+    def cell(variant, step, floor, read):
+        return dict(shape="s", variant=variant, phase="decode", batch=32, path="graph", step_ms=step, floor_ms=floor,
+                    read_floor_ms=read, fraction_of_floor=floor / step, tok_s=32 / step)  # fmt: skip
+
+    gqa, cla = cell("gqa", 10.0, 9.0, 9.0), cell("cla2", 16.0, 9.0, 15.2)
+    lines = bench.targets([gqa, cla], {("s", "decode", 32, "graph"): gqa})
+    assert "- met: s gqa [graph] B=32 at 0.90 of its floor (target ≥ 0.80)" in lines
+    (line,) = [x for x in lines if "cla2" in x]
+    assert line.startswith("- MISSED: s cla2 [graph] B=32 at 0.56 of its floor") and line.endswith(
+        "floor 15.2 ms and 0.95 of it"
+    )
