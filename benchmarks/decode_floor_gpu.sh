@@ -6,7 +6,8 @@
 # STEP: kernels[:PARTS] (decode_kernels_bench: the parts of a step, which pick the options of the steps after it) |
 # decode:V1,V2,... (7B, batch 1 and 32, the variants alternating; at most three 7B models at once, so that
 # their batch-32 caches fit an 80 GB card) | step:V,... (the same, the step compiled as one graph) |
-# cublas:V,... | triton:V,... (batch 1 and 32, the products by cuBLAS or kvshare.gemv) | max:V (7B at its largest batch) | prefill:MODE (gqa and qcqa-ac, MODE buckets or gather) |
+# cublas:V,... | triton:V,... (batch 1 and 32, the products by cuBLAS or kvshare.gemv) |
+# max:V (7B at its largest batch) | prefill:MODE (gqa and qcqa-ac, MODE buckets or gather) |
 # small:SHAPE (decode of a small shape, every variant) | check:V,... (graph decoder against eager generate)
 set -uo pipefail
 deadline=$(( $(date +%s) + $1 )); shift
@@ -14,7 +15,8 @@ out=${OUT:-decode_out}
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
 mkdir -p "$out"
 bench="python benchmarks/decode_floor_bench.py --reps 3"
-opts() { python benchmarks/decode_kernels_bench.py --out "$out" --best 2>/dev/null || echo "--decode-attention triton --gemv cublas"; }  # else the best measured (H100, 2026-12-06)
+# The options the kernels step chose, else the best measured (H100, 2026-12-06).
+opts() { python benchmarks/decode_kernels_bench.py --out "$out" --best 2>/dev/null || echo "--decode-attention triton --gemv cublas"; }
 for step in "$@"; do
   left=$(( deadline - $(date +%s) ))
   [ $left -gt 30 ] || { echo "SKIP $step (no time)"; continue; }

@@ -6,10 +6,10 @@ step is made of, as one CUDA graph over all 32 layers, so launch gaps count as i
 
 * ``gemv``: every matrix product of a step (q/k/v and gate/up fused, as kvshare.decode.GraphDecoder does,
   plus o, down and the logits), with cuBLAS (``F.linear``) and with kvshare.gemv (its Triton kernel up to
-  gemv.MAX_ROWS rows, PyTorch beyond), at 1 and 32 rows; then with the norms, gated activation and residuals around them: PyTorch's kernels around cuBLAS
-  (``reference``) against Triton's with them fused in (``fused``); the weight bytes over the time is the
-  bandwidth reached; the Triton outputs' largest differences from cuBLAS's and from the reference's, relative
-  to the largest output, are recorded;
+  gemv.MAX_ROWS rows, PyTorch beyond), at 1 and 32 rows; then with the norms, gated activation and residuals
+  around them: PyTorch's kernels around cuBLAS (``reference``) against Triton's with them fused in
+  (``fused``); the weight bytes over the time is the bandwidth reached; the Triton outputs' largest
+  differences from cuBLAS's and from the reference's, relative to the largest output, are recorded;
 * ``attention``: one token's attention over a full static cache per layer (triton, flex, sdpa, matmul), at batch
   1 and 32; the K/V bytes over the time;
 * ``check``: GraphDecoder.generate against the model's own eager generate() (static cache, greedy, bf16)

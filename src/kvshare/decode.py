@@ -273,15 +273,15 @@ class GraphDecoder:
     def _layer_inputs(self, layer, attention: str, linear) -> tuple:
         import torch
 
+        from kvshare.modeling import kv_groups
+
         attn, mlp, config = layer.self_attn, layer.mlp, self.model.config
         stores = attn.kv_layer == attn.layer_idx
         qkv_w, qkv_b = _fuse([attn.q_proj, attn.k_proj, attn.v_proj] if stores else [attn.q_proj])
         gu_w, gu_b = _fuse([mlp.gate_proj, mlp.up_proj])
         slots = attn._index["slots"] if attn._slots is not None else None
         unslots = attn._index["unslots"] if attn._slots is not None else None
-        q_to_kv = config.q_to_kv[attn.layer_idx]
-        groups = [[h for h, g in enumerate(q_to_kv) if g == kv] for kv in range(attn.n_kv)]
-        rows = [group + [-1] * (attn._gmax - len(group)) for group in groups]
+        rows = [group + [-1] * (attn._gmax - len(group)) for group in kv_groups(config.q_to_kv[attn.layer_idx])]
         rows = torch.tensor(rows, dtype=torch.int32, device=self.device)
         sizes = (config.num_attention_heads * attn.head_dim,) + (attn.n_kv * attn.head_dim,) * (2 if stores else 0)
         spec = LayerSpec(stores, attn.n_kv, attn._gmax, attn.head_dim, attn.scaling, config.rms_norm_eps, sizes,

@@ -90,6 +90,11 @@ class KVShareLlamaConfig(LlamaConfig):
         return 2 * sum(self.n_kv(self.kv_layer[i]) for i in range(self.num_hidden_layers)) * self.head_dim * dtype_bytes
 
 
+def kv_groups(q_to_kv: list[int]) -> list[list[int]]:
+    """Each KV head's query heads, in head order."""
+    return [[h for h, k in enumerate(q_to_kv) if k == g] for g in range(max(q_to_kv) + 1)]
+
+
 def _equal_contiguous(q_to_kv: list[int]) -> int | None:
     """The group size if query heads map to KV heads in equal contiguous blocks (native GQA), else None."""
     n_kv = max(q_to_kv) + 1
@@ -167,8 +172,7 @@ class SharedKVAttention(nn.Module):
         if _equal_contiguous(q_to_kv) is None:
             # Unequal or non-contiguous groups: query head slots, KV head by KV head, each padded to the largest group.
             slots = []
-            for g in range(self.n_kv):
-                members = [h for h, k in enumerate(q_to_kv) if k == g]
+            for members in kv_groups(q_to_kv):
                 slots += members + members[:1] * (self._gmax - len(members))
             self._q_to_kv, self._slots, self._unslots = list(q_to_kv), slots, [slots.index(h) for h in range(heads)]
         # "pad" (the default, above) or "gather": copy each query head's K/V head before attention (slower; a reference).
