@@ -10,6 +10,11 @@
 # max:V (7B at its largest batch) | prefill:MODE (gqa and qcqa-ac, MODE buckets or gather) |
 # small:SHAPE (decode of a small shape, every variant) | check:V,... (graph decoder against eager generate)
 set -uo pipefail
+for step in "${@:2}"; do
+  case $step in kernels|kernels:*|decode:*|cublas:*|triton:*|step:*|max:*|prefill:*|small:*|check:*) ;;
+    *) echo "unknown step '$step': use kernels[:PARTS], decode:, cublas:, triton:, step:, max:, prefill:, small: or check:" >&2; exit 2 ;;
+  esac
+done
 deadline=$(( $(date +%s) + $1 )); shift
 out=${OUT:-decode_out}
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
