@@ -256,6 +256,24 @@ def graph_run(decoder, batch, prompt, new, seed, device) -> float:
     return (time.perf_counter() - t0) / new
 
 
+def kernel_profile(decoder, batch, prompt, steps, device) -> dict:
+    """Each kernel's time and count per step over ``steps`` steps replayed from the decoder's graphs (torch.profiler;
+    on the CPU, each op's), their total and count: the step's time less the total is what launch gaps cost."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    decoder.start(torch.zeros(batch, 1, dtype=torch.long, device=device), prompt - 1)
+    sync(device)
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        decoder.decode(steps)
+        sync(device)
+    kernels = [(e.key, (e.self_device_time_total if cuda else e.self_cpu_time_total) / 1e3 / steps, e.count / steps)
+               for e in prof.key_averages() if not cuda or e.device_type.name == "CUDA"]  # fmt: skip
+    kernels = sorted((k for k in kernels if k[1] > 0), key=lambda k: -k[1])
+    return dict(kernel_ms_per_step=sum(k[1] for k in kernels), kernels_per_step=sum(k[2] for k in kernels),
+                top_kernels=[[name[:160], round(ms, 5), count] for name, ms, count in kernels[:30]])  # fmt: skip
+
+
 def time_decode(models, batch, args, device, record, phase="decode", ready=None) -> None:
     """One batch, the variants alternating rep by rep; ``ready``: variant → (warmed-up cache, warm-up seconds)."""
     ready = ready or {}
@@ -285,6 +303,8 @@ def time_decode(models, batch, args, device, record, phase="decode", ready=None)
         rec.update(tok_s=batch / step, fraction_of_floor=f["floor_ms"] / (1e3 * step))
         cache = caches[v].cache if isinstance(caches[v], GraphDecoder) else caches[v]
         rec["cache_bytes_exact"] = cache_bytes_exact(cache, models[v], batch, args)
+        if args.profile and isinstance(caches[v], GraphDecoder):
+            rec |= kernel_profile(caches[v], batch, args.prompt, min(args.new, 16), device)
         record(v, phase, batch, rec)
     caches.clear()
     free(device)
@@ -595,6 +615,8 @@ def main() -> None:
     )
     ap.add_argument("--gemv", choices=["cublas", "triton"], default="cublas",
                     help="the graph path's matrix products (kvshare.gemv's Triton kernel up to 16 rows)")  # fmt: skip
+    ap.add_argument("--profile", action="store_true",
+                    help="the graph path's cells also record each kernel's time per step (torch.profiler)")  # fmt: skip
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU, every phase, in well under a minute")
     ap.add_argument("--report", action="store_true", help="only rewrite the markdown from <out>/decode_floor.json")

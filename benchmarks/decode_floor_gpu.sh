@@ -3,7 +3,8 @@
 # triton; nothing is carried). Each step writes under $OUT (or ./decode_out), merged afterwards with
 #   python benchmarks/decode_floor_bench.py --merge DIR/*/decode_floor.json --out benchmarks/results/decode_floor
 #   bash benchmarks/decode_floor_gpu.sh DEADLINE_S STEP...
-# STEP: kernels[:PARTS] (decode_kernels_bench: the parts of a step, which pick the options of the steps after it) |
+# STEP: kernels[:PARTS] (decode_kernels_bench: the parts of a step, which pick the options of the steps after it;
+# kernels:splits, the attention's split of the context) |
 # decode:V1,V2,... (7B, batch 1 and 32, the variants alternating; at most three 7B models at once, so that
 # their batch-32 caches fit an 80 GB card) | step:V,... (the same, the step compiled as one graph) |
 # cublas:V,... | triton:V,... (batch 1 and 32, the products by cuBLAS or kvshare.gemv) |
@@ -19,7 +20,7 @@ deadline=$(( $(date +%s) + $1 )); shift
 out=${OUT:-decode_out}
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
 mkdir -p "$out"
-bench="python benchmarks/decode_floor_bench.py --reps 3"
+bench="python benchmarks/decode_floor_bench.py --reps 3 --profile"  # graph cells also record their kernels
 # The options the kernels step chose, else the best measured (H100, 2026-12-06).
 opts() { python benchmarks/decode_kernels_bench.py --out "$out" --best 2>/dev/null || echo "--decode-attention triton --gemv cublas"; }
 for step in "$@"; do
@@ -38,6 +39,6 @@ for step in "$@"; do
     prefill:*) timeout $left $bench --shape llama2-7b --phase prefill --variants gqa,qcqa-ac --prefill-attention "$arg" --reps 5 --out "$dir" ;;
     small:*) timeout $left $bench --shape "$arg" --variants gqa,qcqa-ac,qcqa-ec,cla2,mqa,hf-static --batches 1,32 $(opts) --out "$dir" ;;
     check:*) timeout $left python benchmarks/decode_kernels_bench.py --out "$dir" --parts check --variants "$arg" $(opts | sed 's/--decode-attention/--attention/') ;;
-  esac 2>&1 | grep -v -i warn | grep -E "^(llama2|smollm2|mha|gemv|attention|check)|Error|error|OOM" | cut -c1-300
+  esac 2>&1 | grep -v -i warn | grep -E "^(llama2|smollm2|mha|gemv|attention|splits|check)|Error|error|OOM" | cut -c1-300
   echo "=== $step rc=${PIPESTATUS[0]} $(date +%T)"
 done

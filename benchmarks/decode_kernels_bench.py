@@ -12,6 +12,9 @@ step is made of, as one CUDA graph over all 32 layers, so launch gaps count as i
   differences from cuBLAS's and from the reference's, relative to the largest output, are recorded;
 * ``attention``: one token's attention over a full static cache per layer (triton, flex, sdpa, matmul), at batch
   1 and 32; the K/V bytes over the time;
+* ``splits``: kvshare.decode_attention's kernel over 32 layers' caches (16 KV heads, as GQA-16, and 1, as MQA) at
+  batch 1 and 32, aiming for 1 to 16 programs per multiprocessor (its default: 2), with and without the query's
+  rotation inside: what picks its split of the context;
 * ``check``: GraphDecoder.generate against the model's own eager generate() (static cache, greedy, bf16)
   for every variant: identical tokens out of how many, and the largest logit difference of one decode step.
 
@@ -21,6 +24,7 @@ step is made of, as one CUDA graph over all 32 layers, so launch gaps count as i
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import sys
@@ -129,6 +133,37 @@ def time_attention(decoder, kind: str) -> dict:
     return {"attention": kind, "batch": batch, "kv_bytes": nbytes, "ms": ms, "GBps": nbytes / ms / 1e6}
 
 
+def time_splits(device, batch: int, n_kv: int, per_sm: int, layers: int = 32, max_len: int = 2048 + 64 - 1) -> dict:
+    """kvshare.decode_attention over ``layers`` caches of n_kv KV heads (32 query heads in equal groups), aiming for
+    ``per_sm`` programs per multiprocessor, reading up to the last position; with the query rotated inside (rope)
+    and without."""
+    import kvshare.decode_attention as da
+
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    keys = [torch.randn(batch, n_kv, max_len, 128, device=device, dtype=torch.bfloat16) for _ in range(2 * layers)]
+    rows = torch.arange(32, dtype=torch.int32, device=device).view(n_kv, -1)
+    query = torch.randn(batch, 32, 128, device=device, dtype=torch.bfloat16)
+    cos, sin = torch.randn(2, batch, 1, 128, device=device, dtype=torch.bfloat16).unbind(0)
+    pos = torch.tensor([max_len - 1], device=device)
+    default, da._programs = da._programs, lambda _device: per_sm * sms
+    try:
+        rec = {
+            "batch": batch,
+            "n_kv": n_kv,
+            "programs_per_sm": per_sm,
+            "splits": da._splits(batch, n_kv, max_len, per_sm * sms)[0],
+        }
+        for rope in (False, True):
+            extra = (cos, sin) if rope else ()
+            ms = graph_ms(lambda extra=extra: [da.attention(query, k, v, pos, rows, 0.088, *extra)
+                                               for k, v in zip(keys[::2], keys[1::2], strict=True)])  # fmt: skip
+            rec["rope_ms" if rope else "ms"] = ms
+    finally:
+        da._programs = default
+    nbytes = 2 * layers * keys[0].numel() * keys[0].element_size()
+    return rec | {"kv_bytes": nbytes, "GBps": nbytes / rec["ms"] / 1e6}
+
+
 @torch.no_grad()
 def check(model, variant: str, args) -> dict:
     """Graph decoder against the model's eager generate() on one prompt batch (bf16)."""
@@ -183,7 +218,7 @@ def main() -> None:
         return print(best_options(json.loads((Path(args.out) / "decode_kernels.json").read_text())))
     torch._dynamo.config.recompile_limit = 64
     device, parts = torch.device("cuda"), args.parts.split(",")
-    result = {"machine": machine.environment(device), "gemv": [], "attention": [], "check": []}
+    result = {"machine": machine.environment(device), "gemv": [], "attention": [], "splits": [], "check": []}
     out = Path(args.out) / "decode_kernels.json"
     build = argparse.Namespace(
         decoder="graph", smoke=False, backend="inductor", decode_attention="sdpa", prefill_attention="buckets"
@@ -194,6 +229,11 @@ def main() -> None:
         atomic_write_json(out, result)
         print(what, rec, flush=True)
 
+    for batch, n_kv, per_sm in itertools.product((1, 32), (16, 1), (1, 2, 4, 8, 16)) if "splits" in parts else ():
+        save("splits", time_splits(device, batch, n_kv, per_sm))
+        dfb.free(device)
+    if not {"gemv", "attention", "check"} & set(parts):
+        return
     gqa = dfb.build_models("llama2-7b", dfb.LLAMA2_7B, ["gqa"], device, torch.bfloat16, build)["gqa"]
     for batch in (1, 32):
         decoder = GraphDecoder(gqa, batch, 2048 + 64 - 1)

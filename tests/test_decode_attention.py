@@ -99,6 +99,30 @@ def test_splits_fill_the_gpu_from_shapes():
     assert 2 * 3 * splits >= 264 and chunk % BLOCK_N == 0 and (splits - 1) * chunk < 5000 <= splits * chunk
 
 
+def test_rotates_a_strided_query_as_transformers_does():
+    """Given cos and sin, the query (here a slice of a wider fused product's rows) is rotated as transformers'
+    Llama rotates it before attending; one of the two alone is refused."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    from kvshare.decode_attention import attention
+
+    torch.manual_seed(0)
+    batch, d, pos = 2, 16, 50
+    fused = torch.randn(batch, 8 * d + 5)  # the query's heads, then other columns
+    query = fused[:, : 8 * d].view(batch, 8, d)
+    angle = torch.rand(batch, 1, d // 2) * 6
+    cos, sin = torch.cat([angle, angle], -1).cos(), torch.cat([angle, angle], -1).sin()
+    keys, values = torch.randn(2, batch, len(UNEQUAL), 64, d).unbind(0)
+    out = attention(query, keys, values, torch.tensor([pos]), _rows(UNEQUAL), 0.25, cos, sin)
+    turned = apply_rotary_pos_emb(query.unsqueeze(2), query.unsqueeze(2), cos, sin)[0].squeeze(2)
+    assert (out - _reference(turned, keys, values, pos, UNEQUAL, 0.25)).abs().max() <= 1e-4
+    assert (out - _reference(query, keys, values, pos, UNEQUAL, 0.25)).abs().max() > 1e-2
+    with pytest.raises(ValueError, match="both cos and sin"):
+        attention(query, keys, values, torch.tensor([pos]), _rows(UNEQUAL), 0.25, cos)
+    with pytest.raises(ValueError, match=r"\(2, 1, 8\)"):
+        attention(query, keys, values, torch.tensor([pos]), _rows(UNEQUAL), 0.25, cos[..., :8], sin[..., :8])
+
+
 def test_half_precision():
     """fp16 (the interpreter's tl.dot reads bf16 as integers: bf16 is left to the GPU)."""
     from kvshare.decode_attention import attention

@@ -165,29 +165,31 @@ def _decode_attention(rows, keys, values, pos, spec: LayerSpec):
     return F.scaled_dot_product_attention(rows, keys, values, attn_mask=valid, scale=spec.scaling)
 
 
+def _rope(x, cos, sin):
+    """transformers' Llama rotary embedding of x [batch, heads, 1, head_dim] by cos and sin [batch, 1, head_dim]."""
+    from transformers.models.llama.modeling_llama import rotate_half
+
+    return x * cos.unsqueeze(1) + rotate_half(x) * sin.unsqueeze(1)
+
+
 def _decode_layer(x, pos, cos, sin, keys, values, w: tuple, spec: LayerSpec):
     """One decoder layer for one token per sequence, x [batch, 1, hidden]; writes the layer's K/V at ``pos``.
     ``w``: input norm, fused q/k/v weight and bias, query slot and unslot indices (unequal groups; else None),
     each KV head's query heads (``rows``, for attention "triton"), o weight and bias, post-attention norm, fused
     gate/up weight and bias, down weight and bias."""
-    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
-
     ln1, qkv_w, qkv_b, slots, unslots, rows, o_w, o_b, ln2, gu_w, gu_b, down_w, down_b = w
     batch, d = x.shape[0], spec.head_dim
     parts = spec.linear(x, qkv_w, qkv_b, ln1, spec.eps).split(spec.qkv_sizes, -1)
-    query = parts[0].view(batch, 1, -1, d).transpose(1, 2)
     if spec.stores:
         key, value = (p.view(batch, 1, -1, d).transpose(1, 2) for p in parts[1:])
-        query, key = apply_rotary_pos_emb(query, key, cos, sin)
-        keys.index_copy_(2, pos, key)
+        keys.index_copy_(2, pos, _rope(key, cos, sin))
         values.index_copy_(2, pos, value)
-    else:
-        query = apply_rotary_pos_emb(query, query, cos, sin)[0]
-    if spec.attention == "triton":  # gathers each KV head's query heads itself, in any grouping
+    if spec.attention == "triton":  # rotates the query and gathers each KV head's query heads itself
         from kvshare.decode_attention import attention
 
-        out = attention(query.reshape(batch, -1, d).contiguous(), keys, values, pos, rows, spec.scaling)
+        out = attention(parts[0].view(batch, -1, d), keys, values, pos, rows, spec.scaling, cos, sin)
     else:
+        query = _rope(parts[0].view(batch, 1, -1, d).transpose(1, 2), cos, sin)
         if slots is not None:
             query = query.index_select(1, slots)
         out = _decode_attention(query.reshape(batch, spec.n_kv, spec.gmax, d), keys, values, pos, spec)

@@ -4,7 +4,8 @@ KV heads in unequal, non-contiguous groups.
 A decode step's attention is bound by reading the cached K/V, and one program per (sequence, KV head) leaves
 most of the GPU idle at small batch; torch's kernels also want equal, contiguous groups (GQA), so kvshare's
 groups cost a gather of the query rows before and a scatter after. Here each program gathers its KV head's
-query rows itself (by ``rows``), walks one chunk of the context with an online softmax, reading that K/V once
+query rows itself (by ``rows``), rotating them by the position's rotary cos/sin as it loads them (so a
+step has no kernel of its own for that), walks one chunk of the context with an online softmax, reading that K/V once
 for all of them, and writes a partial output with its log-sum-exp; a second kernel merges the chunks into
 each query head's output, in the query's own head order. The position is read on the device and the grid
 depends on shapes alone, so a CUDA graph can replay the step at any position.
@@ -27,9 +28,9 @@ BLOCK_S = 16  # chunks the merge reads per step
 
 
 @triton.jit
-def _partial_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, rows_ptr, o_ptr, lse_ptr, qk_scale, n_heads, splits, chunk,
-                    stride_qb, stride_kb, stride_kh, GM: tl.constexpr, HEAD_DIM: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+def _partial_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, rows_ptr, cos_ptr, sin_ptr, o_ptr, lse_ptr, qk_scale, n_heads,
+                    splits, chunk, stride_qb, stride_qh, stride_kb, stride_kh, stride_cb, GM: tl.constexpr,
+                    HEAD_DIM: tl.constexpr, ROPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
     b = tl.program_id(0).to(tl.int64)  # a large cache's offsets pass 2**31
     kv = tl.program_id(1)
     split = tl.program_id(2)
@@ -37,7 +38,15 @@ def _partial_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, rows_ptr, o_ptr, lse_ptr, qk_s
     rd = tl.arange(0, HEAD_DIM)
     head = tl.load(rows_ptr + kv * GM + rm, mask=rm < GM, other=-1)
     live = head >= 0  # padding rows compute on zeros and are not stored
-    q = tl.load(q_ptr + b * stride_qb + head[:, None] * HEAD_DIM + rd[None, :], mask=live[:, None], other=0.0)
+    q_row = q_ptr + b * stride_qb + head[:, None] * stride_qh
+    q = tl.load(q_row + rd[None, :], mask=live[:, None], other=0.0)
+    if ROPE:  # q·cos + rotate_half(q)·sin, rotate_half(q) = [-q[d/2:], q[:d/2]] (transformers' Llama)
+        half = HEAD_DIM // 2
+        turned = tl.load(q_row + ((rd + half) % HEAD_DIM)[None, :], mask=live[:, None], other=0.0)
+        turned = tl.where(rd[None, :] < half, -turned.to(tl.float32), turned.to(tl.float32))
+        cos = tl.load(cos_ptr + b * stride_cb + rd).to(tl.float32)
+        sin = tl.load(sin_ptr + b * stride_cb + rd).to(tl.float32)
+        q = q.to(tl.float32) * cos[None, :] + turned * sin[None, :]
     q = q.to(k_ptr.dtype.element_ty)
     pos = tl.load(pos_ptr)
     start = split * chunk
@@ -103,26 +112,47 @@ def _splits(batch: int, n_kv: int, max_len: int, programs: int) -> tuple[int, in
 
 @torch.library.custom_op("kvshare::decode_attention", mutates_args=())
 def attention(
-    query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, pos: torch.Tensor, rows: torch.Tensor, scaling: float
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    pos: torch.Tensor,
+    rows: torch.Tensor,
+    scaling: float,
+    cos: torch.Tensor | None = None,
+    sin: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Each query head's attention over its KV head's cache up to ``pos`` (inclusive). query [batch, n_heads,
-    head_dim] and keys and values [batch, n_kv, max_len, head_dim], contiguous; pos a 1-element long tensor on the
-    device; rows int32 [n_kv, GM]: the query heads that read each KV head, padded with -1. Returns [batch,
+    head_dim], each head's values contiguous (a slice of a fused q/k/v product will do); keys and values [batch,
+    n_kv, max_len, head_dim], contiguous; pos a 1-element long tensor on the device; rows int32 [n_kv, GM]: the
+    query heads that read each KV head, padded with -1; cos and sin [batch, 1, head_dim], each row contiguous
+    (transformers' rotary embedding of the position): given, the query is rotated by them first. Returns [batch,
     n_heads, head_dim] in the query's dtype and head order."""
     batch, n_heads, d = query.shape
     n_kv, max_len = keys.shape[1], keys.shape[2]
     gm = rows.shape[1]
     if d & (d - 1):
         raise ValueError(f"decode attention needs a power-of-2 head_dim, got {d}")
-    if not (query.is_contiguous() and keys.is_contiguous() and values.is_contiguous()):
-        raise ValueError("decode attention reads query, keys and values as contiguous tensors: pass .contiguous()")
+    if query.stride(2) != 1 or not (keys.is_contiguous() and values.is_contiguous()):
+        raise ValueError(
+            "decode attention reads each query head, the keys and the values as contiguous: pass .contiguous()"
+        )
+    rope = cos is not None
+    if rope != (sin is not None):
+        raise ValueError("decode attention rotates the query by both cos and sin or by neither: pass both or None")
+    if rope and not (cos.shape == sin.shape == (batch, 1, d) and cos.stride() == sin.stride() and cos.stride(2) == 1):
+        raise ValueError(
+            f"decode attention's cos and sin are [batch, 1, head_dim] = ({batch}, 1, {d}), alike and each row "
+            f"contiguous, got {tuple(cos.shape)} and {tuple(sin.shape)}: pass transformers' rotary embedding of the position"
+        )
     splits, chunk = _splits(batch, n_kv, max_len, _programs(query.device))
     o = torch.empty(batch, n_heads, splits, d, dtype=torch.float32, device=query.device)
     lse = torch.empty(batch, n_heads, splits, dtype=torch.float32, device=query.device)
-    out = torch.empty_like(query)
-    _partial_kernel[(batch, n_kv, splits)](query, keys, values, pos, rows, o, lse, scaling * math.log2(math.e),
-                                           n_heads, splits, chunk, query.stride(0), keys.stride(0), keys.stride(1),
-                                           GM=gm, HEAD_DIM=d, BLOCK_M=max(16, triton.next_power_of_2(gm)),
+    out = query.new_empty(batch, n_heads, d)
+    cos, sin = (cos, sin) if rope else (query, query)  # not read
+    _partial_kernel[(batch, n_kv, splits)](query, keys, values, pos, rows, cos, sin, o, lse,
+                                           scaling * math.log2(math.e), n_heads, splits, chunk, query.stride(0),
+                                           query.stride(1), keys.stride(0), keys.stride(1), cos.stride(0), GM=gm,
+                                           HEAD_DIM=d, ROPE=rope, BLOCK_M=max(16, triton.next_power_of_2(gm)),
                                            BLOCK_N=BLOCK_N, num_warps=4, num_stages=2)  # fmt: skip
     _combine_kernel[(batch, n_heads)](o, lse, out, n_heads, splits, HEAD_DIM=d,
                                       SPLITS=triton.next_power_of_2(splits), BLOCK_S=BLOCK_S)  # fmt: skip
@@ -130,5 +160,5 @@ def attention(
 
 
 @attention.register_fake
-def _(query, keys, values, pos, rows, scaling):
+def _(query, keys, values, pos, rows, scaling, cos=None, sin=None):
     return query.new_empty(query.shape)
