@@ -363,11 +363,12 @@ def time_max(model, variant, args, device, record) -> None:
         t0 = time.perf_counter()
         try:
             ready = {variant: (warm_up(model, b, args, device), time.perf_counter() - t0)}
-            break
         except torch.OutOfMemoryError:
-            free(device)
             print(f"  max: OOM at batch {b}", flush=True)
-            b = int(b * 0.9)
+        if ready:
+            break
+        free(device)  # out of the except block: its traceback held the failed try's tensors
+        b = int(b * 0.9)
     time_decode({variant: model}, b, args, device, record, phase="max", ready=ready)
 
 
@@ -424,6 +425,8 @@ def copy_rate(device, nbytes: int = 2**31) -> float:
 
 def run_piece(args, device, dtype, data, out) -> None:
     env = machine.environment(device)
+    if args.mem_gib is None:
+        args.mem_gib = torch.cuda.get_device_properties(device).total_memory / 2**30 if device.type == "cuda" else 16.0
     if device.type == "cuda":
         env["copy_rate_Bps"] = copy_rate(device)
         args.bandwidth = BANDWIDTH if "H200" in env.get("gpu", "") else env["copy_rate_Bps"]
@@ -584,7 +587,8 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--prefill-batch", type=int, default=8)
-    ap.add_argument("--mem-gib", type=float, default=100.0, help="memory the max phase fills (weights, cache, work)")
+    ap.add_argument("--mem-gib", type=float,
+                    help="memory the max phase fills (weights, cache, work; default: the device's)")  # fmt: skip
     ap.add_argument("--reserve-gib", type=float, default=4.0, help="kept free of cache in the max phase")
     ap.add_argument("--max-batch", type=int, help="the max phase's batch, instead of the one computed")
     ap.add_argument(
@@ -613,8 +617,9 @@ def main() -> None:
         default="buckets",
         help="kvshare models' prefill of unequal groups (kvshare.modeling.SharedKVAttention)",
     )
-    ap.add_argument("--gemv", choices=["cublas", "triton"], default="cublas",
-                    help="the graph path's matrix products (kvshare.gemv's Triton kernel up to 16 rows)")  # fmt: skip
+    ap.add_argument("--gemv", choices=["cublas", "triton", "triton-fused"], default="cublas",
+                    help="the graph path's matrix products (kvshare.gemv's Triton kernel up to 16 rows: "
+                    "kvshare.decode.GraphDecoder's gemv)")  # fmt: skip
     ap.add_argument("--profile", action="store_true",
                     help="the graph path's cells also record each kernel's time per step (torch.profiler)")  # fmt: skip
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

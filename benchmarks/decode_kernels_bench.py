@@ -14,7 +14,8 @@ step is made of, as one CUDA graph over all 32 layers, so launch gaps count as i
   1 and 32; the K/V bytes over the time;
 * ``splits``: kvshare.decode_attention's kernel over 32 layers' caches (16 KV heads, as GQA-16, and 1, as MQA) at
   batch 1 and 32, aiming for 1 to 16 programs per multiprocessor (its default: 2), with and without the query's
-  rotation inside: what picks its split of the context;
+  rotation inside: what picks its split of the context; ``tune``: its block of positions, warps and pipelining
+  stages, in the regimes furthest from their bytes' time;
 * ``check``: GraphDecoder.generate against the model's own eager generate() (static cache, greedy, bf16)
   for every variant: identical tokens out of how many, and the largest logit difference of one decode step.
 
@@ -133,10 +134,10 @@ def time_attention(decoder, kind: str) -> dict:
     return {"attention": kind, "batch": batch, "kv_bytes": nbytes, "ms": ms, "GBps": nbytes / ms / 1e6}
 
 
-def time_splits(device, batch: int, n_kv: int, per_sm: int, layers: int = 32, max_len: int = 2048 + 64 - 1) -> dict:
-    """kvshare.decode_attention over ``layers`` caches of n_kv KV heads (32 query heads in equal groups), aiming for
-    ``per_sm`` programs per multiprocessor, reading up to the last position; with the query rotated inside (rope)
-    and without."""
+def time_splits(device, batch: int, n_kv: int, tune: dict, layers: int = 32, max_len: int = 2048 + 64 - 1) -> dict:
+    """kvshare.decode_attention over ``layers`` caches of n_kv KV heads (32 query heads in equal groups), reading
+    up to the last position, with ``tune``'s values of its module constants (``programs_per_sm``: the programs
+    it aims for per multiprocessor, default 2); with the query rotated inside (rope) and without."""
     import kvshare.decode_attention as da
 
     sms = torch.cuda.get_device_properties(device).multi_processor_count
@@ -145,7 +146,11 @@ def time_splits(device, batch: int, n_kv: int, per_sm: int, layers: int = 32, ma
     query = torch.randn(batch, 32, 128, device=device, dtype=torch.bfloat16)
     cos, sin = torch.randn(2, batch, 1, 128, device=device, dtype=torch.bfloat16).unbind(0)
     pos = torch.tensor([max_len - 1], device=device)
-    default, da._programs = da._programs, lambda _device: per_sm * sms
+    per_sm = tune.get("programs_per_sm", 2)
+    saved = {name: getattr(da, name) for name in ("_programs", "BLOCK_N", "WARPS", "STAGES")}
+    da._programs = lambda _device: per_sm * sms
+    for name in ("BLOCK_N", "WARPS", "STAGES"):
+        setattr(da, name, tune.get(name, saved[name]))
     try:
         rec = {
             "batch": batch,
@@ -153,13 +158,15 @@ def time_splits(device, batch: int, n_kv: int, per_sm: int, layers: int = 32, ma
             "programs_per_sm": per_sm,
             "splits": da._splits(batch, n_kv, max_len, per_sm * sms)[0],
         }
+        rec |= {name: getattr(da, name) for name in ("BLOCK_N", "WARPS", "STAGES")}
         for rope in (False, True):
             extra = (cos, sin) if rope else ()
             ms = graph_ms(lambda extra=extra: [da.attention(query, k, v, pos, rows, 0.088, *extra)
                                                for k, v in zip(keys[::2], keys[1::2], strict=True)])  # fmt: skip
             rec["rope_ms" if rope else "ms"] = ms
     finally:
-        da._programs = default
+        for name, value in saved.items():
+            setattr(da, name, value)
     nbytes = 2 * layers * keys[0].numel() * keys[0].element_size()
     return rec | {"kv_bytes": nbytes, "GBps": nbytes / rec["ms"] / 1e6}
 
@@ -201,7 +208,8 @@ def best_options(result: dict) -> str:
     gemv = result["gemv"]
     triton_ok = all(max(r["triton_max_rel_diff"], r["fused_max_rel_diff"]) <= 1e-2 for r in gemv)
     faster = sum(r["fused_ms"] for r in gemv) < sum(r["reference_ms"] for r in gemv)
-    return f"--decode-attention {min(attention, key=attention.get)} --gemv {'triton' if triton_ok and faster else 'cublas'}"
+    gemv = "triton-fused" if triton_ok and faster else "cublas"
+    return f"--decode-attention {min(attention, key=attention.get)} --gemv {gemv}"
 
 
 def main() -> None:
@@ -230,7 +238,17 @@ def main() -> None:
         print(what, rec, flush=True)
 
     for batch, n_kv, per_sm in itertools.product((1, 32), (16, 1), (1, 2, 4, 8, 16)) if "splits" in parts else ():
-        save("splits", time_splits(device, batch, n_kv, per_sm))
+        save("splits", time_splits(device, batch, n_kv, {"programs_per_sm": per_sm}))
+        dfb.free(device)
+    # The regimes furthest from their bytes' time (H100, 2026-12-06): batch 1 with 16 KV heads, batch 32 with 1.
+    tunes = itertools.product((32, 64, 128), (4, 8), (2, 3)) if "tune" in parts else ()
+    for (batch, n_kv), (block_n, warps, stages) in itertools.product([(1, 16), (32, 1), (1, 1)], tunes):
+        try:
+            rec = time_splits(device, batch, n_kv, {"BLOCK_N": block_n, "WARPS": warps, "STAGES": stages})
+        except Exception as e:  # a configuration out of the GPU's resources: a miss, the others still measured
+            rec = {"batch": batch, "n_kv": n_kv, "BLOCK_N": block_n, "WARPS": warps, "STAGES": stages,
+                   "error": f"{type(e).__name__}: {e}"[:200]}  # fmt: skip
+        save("splits", rec)
         dfb.free(device)
     if not {"gemv", "attention", "check"} & set(parts):
         return

@@ -36,3 +36,48 @@ def test_kernel_equals_reference(rows, n, k, bias, fused):
                           BLOCK_M=16, BLOCK_N=16, BLOCK_K=128)  # fmt: skip
     want = linear_reference(x, w, b, norm, 1e-5, act, res)
     assert (y - want).abs().max() <= 1e-4 * want.abs().max()
+
+
+def _kernel_linear(x, w, b=None, norm=None, eps=0.0, act=None, residual=None):
+    """kvshare.gemv.linear's call of the kernel, on the CPU with one block configuration (no autotuning)."""
+    import kvshare.gemv as gemv
+
+    rows, n = x.numel() // x.shape[-1], w.shape[0] // (1 if act is None else 2)
+    flat = x.reshape(rows, -1)
+    res = None if residual is None else residual.reshape(rows, -1)
+    y = torch.empty(rows, n)
+    gemv._kernel.fn[(triton.cdiv(n, 16),)](flat, w, w if b is None else b, w if norm is None else norm,
+                                            y if res is None else res, y, rows, n, flat.shape[1], flat.stride(0),
+                                            w.stride(0), 0 if res is None else res.stride(0), y.stride(0), eps,
+                                            HAS_BIAS=b is not None, NORM=norm is not None, GLU=act is not None,
+                                            RESIDUAL=res is not None, BLOCK_M=16, BLOCK_N=16, BLOCK_K=128)  # fmt: skip
+    return y.view(*x.shape[:-1], n)
+
+
+@pytest.mark.parametrize("fused", ["", "norm", "norm act", "residual", "act residual"])
+def test_product_form_equals_reference(fused, monkeypatch):
+    """linear_product (GraphDecoder's gemv="triton"): the kernel's product, the residual added inside it where no
+    activation follows, the norm and activation around it, as linear_reference computes them; it asks the kernel
+    for nothing but the product and the residual."""
+    import kvshare.gemv as gemv
+    from kvshare.decode import linear_reference
+
+    calls = []
+
+    def kernel(*args, **kwargs):
+        calls.append(kwargs)
+        return _kernel_linear(*args, **kwargs)
+
+    monkeypatch.setattr(gemv, "linear", kernel)
+    torch.manual_seed(0)
+    fused = fused.split()
+    x, w = torch.randn(1, 2, 64), torch.randn(2 * 24 if "act" in fused else 24, 64)
+    b = torch.randn(w.shape[0])
+    norm = torch.randn(64) if "norm" in fused else None
+    act = "silu" if "act" in fused else None
+    res = torch.randn(1, 2, 24) if "residual" in fused else None
+    want = linear_reference(x, w, b, norm, 1e-5, act, res)
+    got = gemv.linear_product(x, w, b, norm, 1e-5, act, res)
+    assert got.shape == want.shape and (got - want).abs().max() <= 1e-4 * want.abs().max()
+    assert calls and all(set(c) <= {"residual"} for c in calls)
+    assert (calls[0].get("residual") is not None) == (res is not None and act is None)

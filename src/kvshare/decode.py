@@ -91,7 +91,7 @@ class LayerSpec(NamedTuple):
     qkv_sizes: tuple[int, ...]
     act: str  # the MLP's activation, a transformers ACT2FN name
     attention: str
-    linear: Callable  # linear_reference, or kvshare.gemv.linear
+    linear: Callable  # linear_reference, kvshare.gemv.linear_product or kvshare.gemv.linear
 
 
 def _fuse(linears) -> tuple:
@@ -113,7 +113,7 @@ def _fuse(linears) -> tuple:
     return weight, bias
 
 
-def _rms_norm(x, weight, eps):
+def rms_norm(x, weight, eps):
     """transformers' LlamaRMSNorm."""
     import torch
 
@@ -127,11 +127,17 @@ def linear_reference(x, weight, bias=None, norm=None, eps: float = 0.0, act: str
     ``eps``) first; with ``act``, the weight's rows are [gate; up] and the output ``act(gate) * up``;
     ``residual`` added last. As PyTorch's modules compute it; kvshare.gemv.linear fuses the same into one kernel."""
     import torch.nn.functional as F
-    from transformers.activations import ACT2FN
 
     if norm is not None:
-        x = _rms_norm(x, norm, eps)
-    y = F.linear(x, weight, bias)
+        x = rms_norm(x, norm, eps)
+    return activate(F.linear(x, weight, bias), act, residual)
+
+
+def activate(y, act: str | None, residual=None):
+    """What follows a product in linear_reference: with ``act``, y's halves are [gate; up] and the output
+    ``act(gate) * up``; ``residual`` added last."""
+    from transformers.activations import ACT2FN
+
     if act is not None:
         gate, up = y.chunk(2, -1)
         y = ACT2FN[act](gate) * up
@@ -222,8 +228,9 @@ class GraphDecoder:
     whole step as one (``compile_unit="step"``). The
     model stays a transformers model (``generate`` still works); build the decoder after moving the model to its
     device, since the graphs hold the addresses of its weights. Off CUDA (tests) the steps run without a graph.
-    ``gemv`` ("cublas" or "triton": kvshare.gemv's kernel for up to 16 rows, the norms before the products, the
-    gated activation and the residuals computed inside them) picks the decode step's matrix products on CUDA.
+    ``gemv`` picks the decode step's matrix products on CUDA: "cublas" (torch's), "triton" (kvshare.gemv's kernel
+    for up to 16 rows, the residuals added inside it, the norms and activation by inductor's kernels around it)
+    or "triton-fused" (the same kernel with the norms and the gated activation computed inside it too).
     """
 
     def __init__(self, model, batch_size, max_cache_len, attention=None, steps_per_graph=8, backend="inductor",
@@ -246,14 +253,16 @@ class GraphDecoder:
                 f"attention='triton' runs on CUDA (or under TRITON_INTERPRET=1), but the model is on "
                 f"{model.device}: move it to a GPU, or pick attention='flex', 'sdpa' or 'matmul'"
             )
-        if gemv not in ("cublas", "triton"):
-            raise ValueError(f"gemv={gemv!r} is not one of cublas, triton")
+        if gemv not in ("cublas", "triton", "triton-fused"):
+            raise ValueError(f"gemv={gemv!r} is not one of cublas, triton, triton-fused")
         if compile_unit not in ("layer", "step"):
             raise ValueError(f"compile_unit={compile_unit!r} is not one of layer, step")
         self.model, self.steps_per_graph, self.device = model, steps_per_graph, model.device
         self.cache = KVShareStaticCache(model.config, max_cache_len, batch_size, model.dtype, self.device)
         linear = linear_reference
         if gemv == "triton" and self.device.type == "cuda":
+            from kvshare.gemv import linear_product as linear
+        elif gemv == "triton-fused" and self.device.type == "cuda":
             from kvshare.gemv import linear
         self.layers = [self._layer_inputs(layer, attention, linear) for layer in model.model.layers]
         self.linear = linear

@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 
 BLOCK_N = 64  # context positions per step of a chunk's walk
+WARPS, STAGES = 4, 2  # the partial kernel's warps and software-pipelining stages
 SMS = 132  # an H100's or H200's multiprocessors: the count off CUDA (Triton's interpreter)
 BLOCK_S = 16  # chunks the merge reads per step
 
@@ -153,7 +154,7 @@ def attention(
                                            scaling * math.log2(math.e), n_heads, splits, chunk, query.stride(0),
                                            query.stride(1), keys.stride(0), keys.stride(1), cos.stride(0), GM=gm,
                                            HEAD_DIM=d, ROPE=rope, BLOCK_M=max(16, triton.next_power_of_2(gm)),
-                                           BLOCK_N=BLOCK_N, num_warps=4, num_stages=2)  # fmt: skip
+                                           BLOCK_N=BLOCK_N, num_warps=WARPS, num_stages=STAGES)  # fmt: skip
     _combine_kernel[(batch, n_heads)](o, lse, out, n_heads, splits, HEAD_DIM=d,
                                       SPLITS=triton.next_power_of_2(splits), BLOCK_S=BLOCK_S)  # fmt: skip
     return out

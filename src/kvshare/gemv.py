@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kvshare.decode import linear_reference
+from kvshare.decode import activate, linear_reference, rms_norm
 
 MAX_ROWS = 16  # at 32 rows cuBLAS was faster (H100: 4.53 ms against 4.68 bare; a decode step 10.9 against 13.1 fused)
 
@@ -128,3 +128,14 @@ def linear(x, weight, bias=None, norm=None, eps: float = 0.0, act: str | None = 
     flat = x.reshape(rows, x.shape[-1]).contiguous()
     res = None if residual is None else residual.reshape(rows, -1).contiguous()
     return _gemv(flat, weight, bias, norm, eps, act is not None, res).view(shape)
+
+
+def linear_product(x, weight, bias=None, norm=None, eps: float = 0.0, act: str | None = None, residual=None):
+    """:func:`kvshare.decode.linear_reference` with only the product (and the residual, where no activation
+    follows it) computed by :func:`linear`'s kernel: the norm before and the activation after it by PyTorch
+    (inductor's kernels, in a compiled decode step)."""
+    if norm is not None:
+        x = rms_norm(x, norm, eps)
+    if act is None:
+        return linear(x, weight, bias, residual=residual)
+    return activate(linear(x, weight, bias), act, residual)
