@@ -23,7 +23,7 @@ export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
 mkdir -p "$out"
 bench="python benchmarks/decode_floor_bench.py --reps 3 --profile"  # graph cells also record their kernels
 # The options the kernels step chose, else the best measured (H100, 2026-12-06).
-opts() { python benchmarks/decode_kernels_bench.py --out "$out" --best 2>/dev/null || echo "--decode-attention triton --gemv cublas"; }
+opts() { python benchmarks/decode_kernels_bench.py --out "$out" --best 2>/dev/null || echo "--decode-attention triton --gemv triton"; }
 for step in "$@"; do
   left=$(( deadline - $(date +%s) ))
   [ $left -gt 30 ] || { echo "SKIP $step (no time)"; continue; }

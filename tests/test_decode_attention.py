@@ -87,6 +87,17 @@ def test_long_chunks_and_merge_steps(monkeypatch):
     _check(UNEQUAL, max_len=200, pos=40)
 
 
+def test_one_chunk_writes_the_output_itself(monkeypatch):
+    """Where one chunk covers the context (few programs wanted: large batches), the first kernel writes the output
+    without the merge."""
+    import kvshare.decode_attention as da
+
+    monkeypatch.setattr(da, "SMS", 1)
+    assert da._splits(2, 4, 128, da._programs(torch.device("cpu")))[0] == 1
+    _check(GQA, batch=2, max_len=128, pos=90)
+    _check(UNEQUAL, batch=2, max_len=200, pos=0)
+
+
 def test_splits_fill_the_gpu_from_shapes():
     from kvshare.decode_attention import BLOCK_N, _splits
 
