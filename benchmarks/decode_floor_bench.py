@@ -211,9 +211,14 @@ def facts(model, batch, args) -> dict:
     floor = floor_seconds(weights, kv, batch, context, args.bandwidth)
     read = kv_read_bytes_per_token(model.config, model.dtype.itemsize)
     plan = model.kvshare_plan
-    return dict(bandwidth=args.bandwidth, weights_bytes=weights, kv_bytes_per_token=kv, context=context, floor_ms=1e3 * floor,
-                read_floor_ms=1e3 * floor_seconds(weights, read, batch, context, args.bandwidth),
-                stored_kv_heads=plan.stored_kv_heads, kv_fraction=plan.kv_fraction)  # fmt: skip
+    rec = dict(bandwidth=args.bandwidth, weights_bytes=weights, kv_bytes_per_token=kv, context=context, floor_ms=1e3 * floor,
+               read_floor_ms=1e3 * floor_seconds(weights, read, batch, context, args.bandwidth),
+               stored_kv_heads=plan.stored_kv_heads, kv_fraction=plan.kv_fraction)  # fmt: skip
+    if getattr(args, "matmul_rate", None):  # large batches: the products bound by compute, not by reading weights
+        products = 2 * batch * sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+        compute = max(weights / args.bandwidth, products / args.matmul_rate)
+        rec["compute_floor_ms"] = 1e3 * (compute + batch * context * kv / args.bandwidth)
+    return rec
 
 
 def max_batch(model, args) -> int:
@@ -423,12 +428,26 @@ def copy_rate(device, nbytes: int = 2**31) -> float:
     return 2 * nbytes / statistics.median(times[1:])
 
 
+def matmul_rate(device, n: int = 8192) -> float:
+    """Floating-point operations per second of a bf16 n × n × n matrix product (median of 10)."""
+    a, b = torch.randn(2, n, n, device=device, dtype=torch.bfloat16).unbind(0)
+    times = []
+    for _ in range(11):
+        sync(device)
+        t0 = time.perf_counter()
+        a @ b
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return 2 * n**3 / statistics.median(times[1:])
+
+
 def run_piece(args, device, dtype, data, out) -> None:
     env = machine.environment(device)
     if args.mem_gib is None:
         args.mem_gib = torch.cuda.get_device_properties(device).total_memory / 2**30 if device.type == "cuda" else 16.0
     if device.type == "cuda":
         env["copy_rate_Bps"] = copy_rate(device)
+        env["matmul_flops"] = args.matmul_rate = matmul_rate(device)
         args.bandwidth = BANDWIDTH if "H200" in env.get("gpu", "") else env["copy_rate_Bps"]
     else:
         args.bandwidth = BANDWIDTH
@@ -534,8 +553,13 @@ def targets(cells: list[dict], gqa: dict) -> list[str]:
         top = gqa_at_max(gqa, r["shape"], r["path"])
         if r["phase"] == "max" and top and r["variant"] != "gqa":
             by_floor = (r["batch"] / r["floor_ms"]) / (top["batch"] / top["floor_ms"])
-            lines.append(f"- {where} at its largest batch (B={r['batch']}): {r['tok_s'] / top['tok_s']:.2f}× gqa's "
-                         f"tokens/s (B={top['batch']}); the floor predicts {by_floor:.2f}×")  # fmt: skip
+            line = (f"- {where} at its largest batch (B={r['batch']}): {r['tok_s'] / top['tok_s']:.2f}× gqa's "
+                    f"tokens/s (B={top['batch']}); the floor predicts {by_floor:.2f}×")  # fmt: skip
+            if "compute_floor_ms" in r and "compute_floor_ms" in top:
+                by_compute = (r["batch"] / r["compute_floor_ms"]) / (top["batch"] / top["compute_floor_ms"])
+                line += (f", and {by_compute:.2f}× with the products bound by the measured GEMM rate where that is "
+                         f"slower than reading their weights ({r['step_ms']:.4g} ms against {r['compute_floor_ms']:.4g})")  # fmt: skip
+            lines.append(line)
     return lines
 
 
