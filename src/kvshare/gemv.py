@@ -1,5 +1,5 @@
 """A Triton matrix product for decode steps: ``x @ weight.T + bias`` with few rows (a batch of single tokens),
-with the small operations around a decoder layer's products fused in.
+optionally with the small operations around a decoder layer's products fused in.
 
 With a few rows a Linear layer's product is bound by reading its weight once, and cuBLAS's kernels for
 these shapes stop short of the GPU's bandwidth (kvshare's decode diagnostic measured 0.73 of it on an H200).
@@ -8,16 +8,15 @@ whole reduction with software pipelining, and lets Triton's autotuner pick the b
 first call of each shape: run it once before capturing a CUDA graph). More rows, or no GPU: the same
 operations in PyTorch (:func:`kvshare.decode.linear_reference`).
 
-At batch 1 a 7B layer's weights take about 0.1 ms to read at 4.3 TB/s, and the step's kernels other than
-its products and attention took about 0.5 ms of a 5.4 ms step on an H100 (by difference,
-benchmarks/results/decode_floor/h100), so the norm before a product (``norm``), the gated activation after
-the gate/up product (``act``) and the residual (``residual``) are computed inside the products, each rounded
-to the input's dtype where PyTorch's modules round it. So far that costs more than it saves (H100,
-benchmarks/results/decode_floor/h100-gemv): a 7B step's products took 5.14 ms with them inside against
-4.39 ms bare, and the decode step 5.67 ms against 5.45 ms with cuBLAS and inductor's kernels around it, so
-GraphDecoder's default stays cuBLAS. Our reading (not profiled): work on x is repeated by every program,
-on BLOCK_M rows however few are real, and the norm's (x times its scale, the sum of squares) stays in the
-loop; a first version that also normalised x and applied SiLU(gate) × up there took 7.17 ms.
+GraphDecoder uses it (:func:`linear_product`) for the product alone, with the residual added in the
+kernel's last step and the norm before and gated activation after it left to inductor's kernels: a 7B step at
+batch 1 took 5.20 ms against 5.40 ms with cuBLAS on an H100 (benchmarks/results/decode_floor/h100-product),
+mostly by sparing cuBLAS's split-K reductions and the residual's own kernel. :func:`linear` can also compute
+the norm before the product (``norm``) and the gated activation of its [gate; up] halves (``act``) inside
+it, each rounded to the input's dtype where PyTorch's modules round it (GraphDecoder's gemv="triton-fused"),
+but that costs more than it saves: a step took 5.67 ms against 5.45 with cuBLAS (h100-gemv). Our reading
+(not profiled): work on x is repeated by every program, on BLOCK_M rows however few are real, and the norm's
+(x times its scale, the sum of squares) stays in the loop.
 
 :func:`linear` is a torch custom op, so torch.compile leaves it as one opaque call inside a compiled decode
 layer. Importing this module needs ``triton`` (shipped with CUDA builds of torch).
