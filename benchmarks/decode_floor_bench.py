@@ -57,6 +57,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import decode_bench as db  # noqa: E402
 import machine  # noqa: E402
 
+import kvshare.decode  # noqa: E402
 from kvshare.decode import (  # noqa: E402
     GraphDecoder,
     compile_for_decode,
@@ -387,7 +388,12 @@ def path_of(variant: str, phase: str, args) -> str:
         return "generate/hf"
     if args.decoder == "graph":
         unit = "" if args.compile_unit == "layer" else "/step-compiled"
-        return f"graph/{args.decode_attention}/{args.gemv}{unit}"
+        writes = (
+            "/kernel-writes"
+            if getattr(args, "kernel_writes_cache", False) and args.decode_attention == "triton"
+            else ""
+        )
+        return f"graph/{args.decode_attention}/{args.gemv}{unit}{writes}"
     return f"generate/{args.decode_attention}"
 
 
@@ -644,6 +650,8 @@ def main() -> None:
     ap.add_argument("--gemv", choices=["cublas", "triton", "triton-fused"], default="triton",
                     help="the graph path's matrix products (kvshare.gemv's Triton kernel up to 16 rows: "
                     "kvshare.decode.GraphDecoder's gemv)")  # fmt: skip
+    ap.add_argument("--kernel-writes-cache", action="store_true",
+                    help="the graph path's triton attention writes each step's K/V (kvshare.decode.KERNEL_WRITES_CACHE)")  # fmt: skip
     ap.add_argument("--profile", action="store_true",
                     help="the graph path's cells also record each kernel's time per step (torch.profiler)")  # fmt: skip
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -660,6 +668,7 @@ def main() -> None:
     if args.report or args.merge:
         save(data, out)
         return
+    kvshare.decode.KERNEL_WRITES_CACHE = args.kernel_writes_cache
     torch._dynamo.config.recompile_limit = 64  # one graph per model and batch; all share one forward
     torch._dynamo.config.automatic_dynamic_shapes = False  # each batch its own static graph, not a symbolic one
     device = torch.device(args.device)

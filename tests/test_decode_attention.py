@@ -134,6 +134,34 @@ def test_rotates_a_strided_query_as_transformers_does():
         attention(query, keys, values, torch.tensor([pos]), _rows(UNEQUAL), 0.25, cos[..., :8], sin[..., :8])
 
 
+@pytest.mark.parametrize("pos", [0, 37, 63])
+def test_writes_the_new_entry_then_attends_to_it(pos):
+    """Given the position's key and value, the kernel writes them into the cache at pos (the key rotated as
+    transformers rotates it) and attends to them; every other position of the cache is left as it was."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    from kvshare.decode_attention import attention
+
+    torch.manual_seed(0)
+    batch, d, groups = 2, 16, UNEQUAL
+    fused = torch.randn(batch, (8 + 2 * len(groups)) * d)  # q, k and v heads of one fused product
+    query, key, value = (t.view(batch, -1, d) for t in fused.split([8 * d, len(groups) * d, len(groups) * d], -1))
+    angle = torch.rand(batch, 1, d // 2) * 6
+    cos, sin = torch.cat([angle, angle], -1).cos(), torch.cat([angle, angle], -1).sin()
+    keys, values = torch.randn(2, batch, len(groups), 64, d).unbind(0)
+    before_k, before_v = keys.clone(), values.clone()
+    out = attention(query, keys, values, torch.tensor([pos]), _rows(groups), 0.25, cos, sin, key, value)
+    turned_key = apply_rotary_pos_emb(key.unsqueeze(2), key.unsqueeze(2), cos, sin)[0].squeeze(2)
+    assert (keys[:, :, pos] - turned_key).abs().max() <= 1e-5 and torch.equal(values[:, :, pos], value)
+    others = torch.arange(64) != pos
+    assert torch.equal(keys[:, :, others], before_k[:, :, others])
+    assert torch.equal(values[:, :, others], before_v[:, :, others])
+    turned = apply_rotary_pos_emb(query.unsqueeze(2), query.unsqueeze(2), cos, sin)[0].squeeze(2)
+    assert (out - _reference(turned, keys, values, pos, groups, 0.25)).abs().max() <= 1e-4
+    with pytest.raises(ValueError, match=r"key and value of shape \(2, 3, 16\)"):
+        attention(query, keys, values, torch.tensor([pos]), _rows(groups), 0.25, cos, sin, key)
+
+
 def test_half_precision():
     """fp16 (the interpreter's tl.dot reads bf16 as integers: bf16 is left to the GPU)."""
     from kvshare.decode_attention import attention
@@ -155,11 +183,14 @@ def test_head_dim_power_of_two():
         attention(x, x.view(1, 1, 2, 24), x.view(1, 1, 2, 24), torch.tensor([0]), _rows([[0, 1]]), 1.0)
 
 
+@pytest.mark.parametrize("kernel_writes", [False, True])
 @pytest.mark.parametrize("method", ["gqa", "qcqa-ac", "qcqa-ec", "cla2", "mqa", "qcqa-ac+cla2"])
 @torch.no_grad()
-def test_graph_decoder_with_the_kernel_equals_reference(method):
+def test_graph_decoder_with_the_kernel_equals_reference(method, kernel_writes, monkeypatch):
     """GraphDecoder(attention="triton") passes each layer's query heads, cache and groups to the kernel as it
-    expects: the reference path's tokens and last-step logits (eager layers, the kernel interpreted)."""
+    expects, the new K/V entries written before it or by it: the reference path's tokens and last-step logits
+    (eager layers, the kernel interpreted)."""
+    import kvshare.decode
     from kvshare.decode import GraphDecoder
     from kvshare.merge import convert_model
     from kvshare.plan import ModelShape
@@ -169,6 +200,7 @@ def test_graph_decoder_with_the_kernel_equals_reference(method):
 
     base = tiny_llama(heads=8, kv_heads=4, layers=4)
     plan = plans(ModelShape.of(base.config))[method]
+    monkeypatch.setattr(kvshare.decode, "KERNEL_WRITES_CACHE", kernel_writes)
     x, new = tokens(batch=2, length=7), 4
     expected = greedy(reference(base, plan), x, new)
     decoder = GraphDecoder(convert_model(base, plan), 2, x.shape[1] + new - 1, attention="triton", backend=None)

@@ -79,6 +79,12 @@ def floor_seconds(weight_bytes: int, kv_per_token: int, batch: int, context: int
     return (weight_bytes + batch * context * kv_per_token) / bandwidth
 
 
+# Whether GraphDecoder's triton attention also writes each step's new K/V entry into the cache (one kernel where
+# inductor's took two more per layer: the key's rotation and write, and the value's write). Off until measured on
+# a GPU against the separate writes (decode_floor_bench --kernel-writes-cache); tested on the CPU either way.
+KERNEL_WRITES_CACHE = False
+
+
 class LayerSpec(NamedTuple):
     """What a decode layer's kernels depend on besides its tensors: layers alike in these share one compile."""
 
@@ -91,6 +97,7 @@ class LayerSpec(NamedTuple):
     qkv_sizes: tuple[int, ...]
     act: str  # the MLP's activation, a transformers ACT2FN name
     attention: str
+    kernel_writes: bool  # attention "triton" writes the new K/V entry itself (KERNEL_WRITES_CACHE)
     linear: Callable  # linear_reference, kvshare.gemv.linear_product or kvshare.gemv.linear
 
 
@@ -186,14 +193,16 @@ def _decode_layer(x, pos, cos, sin, keys, values, w: tuple, spec: LayerSpec):
     ln1, qkv_w, qkv_b, slots, unslots, rows, o_w, o_b, ln2, gu_w, gu_b, down_w, down_b = w
     batch, d = x.shape[0], spec.head_dim
     parts = spec.linear(x, qkv_w, qkv_b, ln1, spec.eps).split(spec.qkv_sizes, -1)
-    if spec.stores:
+    kernel_writes = spec.attention == "triton" and spec.kernel_writes
+    if spec.stores and not kernel_writes:
         key, value = (p.view(batch, 1, -1, d).transpose(1, 2) for p in parts[1:])
         keys.index_copy_(2, pos, _rope(key, cos, sin))
         values.index_copy_(2, pos, value)
     if spec.attention == "triton":  # rotates the query and gathers each KV head's query heads itself
         from kvshare.decode_attention import attention
 
-        out = attention(parts[0].view(batch, -1, d), keys, values, pos, rows, spec.scaling, cos, sin)
+        new = [p.view(batch, -1, d) for p in parts[1:]] if kernel_writes else []  # none in a CLA reader
+        out = attention(parts[0].view(batch, -1, d), keys, values, pos, rows, spec.scaling, cos, sin, *new)
     else:
         query = _rope(parts[0].view(batch, 1, -1, d).transpose(1, 2), cos, sin)
         if slots is not None:
@@ -297,7 +306,7 @@ class GraphDecoder:
         rows = torch.tensor(rows, dtype=torch.int32, device=self.device)
         sizes = (config.num_attention_heads * attn.head_dim,) + (attn.n_kv * attn.head_dim,) * (2 if stores else 0)
         spec = LayerSpec(stores, attn.n_kv, attn._gmax, attn.head_dim, attn.scaling, config.rms_norm_eps, sizes,
-                         config.hidden_act, attention, linear)  # fmt: skip
+                         config.hidden_act, attention, KERNEL_WRITES_CACHE, linear)  # fmt: skip
         w = (layer.input_layernorm.weight, qkv_w, qkv_b, slots, unslots, rows, attn.o_proj.weight, attn.o_proj.bias,
              layer.post_attention_layernorm.weight, gu_w, gu_b, mlp.down_proj.weight, mlp.down_proj.bias)  # fmt: skip
         return attn.kv_layer, w, spec

@@ -31,9 +31,21 @@ BLOCK_S = 16  # chunks the merge reads per step
 
 
 @triton.jit
-def _partial_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, rows_ptr, cos_ptr, sin_ptr, o_ptr, lse_ptr, qk_scale, n_heads,
-                    splits, chunk, stride_qb, stride_qh, stride_kb, stride_kh, stride_cb, GM: tl.constexpr,
-                    HEAD_DIM: tl.constexpr, ROPE: tl.constexpr, DIRECT: tl.constexpr, BLOCK_M: tl.constexpr,
+def _rotated(row, rd, cos, sin, mask, HEAD_DIM: tl.constexpr):
+    """x·cos + rotate_half(x)·sin in float32 for the rows x at ``row`` (pointers [rows, 1]), rotate_half(x) =
+    [-x[d/2:], x[:d/2]] (transformers' Llama)."""
+    half = HEAD_DIM // 2
+    x = tl.load(row + rd[None, :], mask=mask, other=0.0).to(tl.float32)
+    turned = tl.load(row + ((rd + half) % HEAD_DIM)[None, :], mask=mask, other=0.0).to(tl.float32)
+    turned = tl.where(rd[None, :] < half, -turned, turned)
+    return x * cos[None, :] + turned * sin[None, :]
+
+
+@triton.jit
+def _partial_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, rows_ptr, cos_ptr, sin_ptr, nk_ptr, nv_ptr, o_ptr, lse_ptr,
+                    qk_scale, n_heads, splits, chunk, stride_qb, stride_qh, stride_kb, stride_kh, stride_cb,
+                    stride_nb, stride_nh, GM: tl.constexpr, HEAD_DIM: tl.constexpr, ROPE: tl.constexpr,
+                    STORE: tl.constexpr, DIRECT: tl.constexpr, BLOCK_M: tl.constexpr,
                     BLOCK_N: tl.constexpr):  # fmt: skip
     b = tl.program_id(0).to(tl.int64)  # a large cache's offsets pass 2**31
     kv = tl.program_id(1)
@@ -43,20 +55,25 @@ def _partial_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, rows_ptr, cos_ptr, sin_ptr, o_
     head = tl.load(rows_ptr + kv * GM + rm, mask=rm < GM, other=-1)
     live = head >= 0  # padding rows compute on zeros and are not stored
     q_row = q_ptr + b * stride_qb + head[:, None] * stride_qh
-    q = tl.load(q_row + rd[None, :], mask=live[:, None], other=0.0)
-    if ROPE:  # q·cos + rotate_half(q)·sin, rotate_half(q) = [-q[d/2:], q[:d/2]] (transformers' Llama)
-        half = HEAD_DIM // 2
-        turned = tl.load(q_row + ((rd + half) % HEAD_DIM)[None, :], mask=live[:, None], other=0.0)
-        turned = tl.where(rd[None, :] < half, -turned.to(tl.float32), turned.to(tl.float32))
+    if ROPE:
         cos = tl.load(cos_ptr + b * stride_cb + rd).to(tl.float32)
         sin = tl.load(sin_ptr + b * stride_cb + rd).to(tl.float32)
-        q = q.to(tl.float32) * cos[None, :] + turned * sin[None, :]
+        q = _rotated(q_row, rd, cos, sin, live[:, None], HEAD_DIM)
+    else:
+        q = tl.load(q_row + rd[None, :], mask=live[:, None], other=0.0)
     q = q.to(k_ptr.dtype.element_ty)
     pos = tl.load(pos_ptr)
     start = split * chunk
     end = tl.minimum(start + chunk, pos + 1)  # a chunk past pos takes no step
     k_ptr += b * stride_kb + kv * stride_kh
     v_ptr += b * stride_kb + kv * stride_kh
+    if STORE:  # the chunk holding pos writes its new entry (key rotated) before reading it, all threads waiting
+        if (start <= pos) & (pos < end):
+            new = b * stride_nb + kv * stride_nh
+            key = _rotated(nk_ptr + new + tl.zeros((1, 1), tl.int64), rd, cos, sin, rd[None, :] >= 0, HEAD_DIM)
+            tl.store(k_ptr + pos * HEAD_DIM + rd[None, :], key.to(k_ptr.dtype.element_ty))
+            tl.store(v_ptr + pos * HEAD_DIM + rd, tl.load(nv_ptr + new + rd))
+        tl.debug_barrier()
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, HEAD_DIM), tl.float32)
@@ -116,7 +133,7 @@ def _splits(batch: int, n_kv: int, max_len: int, programs: int) -> tuple[int, in
     return triton.cdiv(blocks, per_chunk), per_chunk * BLOCK_N
 
 
-@torch.library.custom_op("kvshare::decode_attention", mutates_args=())
+@torch.library.custom_op("kvshare::decode_attention", mutates_args=("keys", "values"))
 def attention(
     query: torch.Tensor,
     keys: torch.Tensor,
@@ -126,12 +143,16 @@ def attention(
     scaling: float,
     cos: torch.Tensor | None = None,
     sin: torch.Tensor | None = None,
+    key: torch.Tensor | None = None,
+    value: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Each query head's attention over its KV head's cache up to ``pos`` (inclusive). query [batch, n_heads,
     head_dim], each head's values contiguous (a slice of a fused q/k/v product will do); keys and values [batch,
     n_kv, max_len, head_dim], contiguous; pos a 1-element long tensor on the device; rows int32 [n_kv, GM]: the
     query heads that read each KV head, padded with -1; cos and sin [batch, 1, head_dim], each row contiguous
-    (transformers' rotary embedding of the position): given, the query is rotated by them first. Returns [batch,
+    (transformers' rotary embedding of the position): given, the query is rotated by them first; key and value
+    [batch, n_kv, head_dim], each head contiguous, alike in strides: the position's new entry, which the kernel
+    writes into the cache at pos (the key rotated by cos and sin) before attending to it. Returns [batch,
     n_heads, head_dim] in the query's dtype and head order."""
     batch, n_heads, d = query.shape
     n_kv, max_len = keys.shape[1], keys.shape[2]
@@ -150,16 +171,26 @@ def attention(
             f"decode attention's cos and sin are [batch, 1, head_dim] = ({batch}, 1, {d}), alike and each row "
             f"contiguous, got {tuple(cos.shape)} and {tuple(sin.shape)}: pass transformers' rotary embedding of the position"
         )
+    store = key is not None
+    if store and not (rope and value is not None and key.shape == value.shape == (batch, n_kv, d)
+                      and key.stride() == value.stride() and key.stride(2) == 1):  # fmt: skip
+        raise ValueError(
+            f"decode attention writes a new entry given key and value of shape ({batch}, {n_kv}, {d}), alike in "
+            f"strides with each head contiguous, and cos and sin to rotate the key: got key "
+            f"{None if key is None else tuple(key.shape)} and value {None if value is None else tuple(value.shape)}"
+        )
     splits, chunk = _splits(batch, n_kv, max_len, _programs(query.device))
     out = query.new_empty(batch, n_heads, d)
     direct = splits == 1
     o = out if direct else torch.empty(batch, n_heads, splits, d, dtype=torch.float32, device=query.device)
     lse = out if direct else torch.empty(batch, n_heads, splits, dtype=torch.float32, device=query.device)
     cos, sin = (cos, sin) if rope else (query, query)  # not read
-    _partial_kernel[(batch, n_kv, splits)](query, keys, values, pos, rows, cos, sin, o, lse,
+    key, value = (key, value) if store else (query, query)
+    _partial_kernel[(batch, n_kv, splits)](query, keys, values, pos, rows, cos, sin, key, value, o, lse,
                                            scaling * math.log2(math.e), n_heads, splits, chunk, query.stride(0),
-                                           query.stride(1), keys.stride(0), keys.stride(1), cos.stride(0), GM=gm,
-                                           HEAD_DIM=d, ROPE=rope, DIRECT=direct,
+                                           query.stride(1), keys.stride(0), keys.stride(1), cos.stride(0),
+                                           key.stride(0), key.stride(1), GM=gm, HEAD_DIM=d, ROPE=rope, STORE=store,
+                                           DIRECT=direct,
                                            BLOCK_M=max(16, triton.next_power_of_2(gm)), BLOCK_N=BLOCK_N,
                                            num_warps=WARPS, num_stages=STAGES)  # fmt: skip
     if not direct:
@@ -169,5 +200,5 @@ def attention(
 
 
 @attention.register_fake
-def _(query, keys, values, pos, rows, scaling, cos=None, sin=None):
+def _(query, keys, values, pos, rows, scaling, cos=None, sin=None, key=None, value=None):
     return query.new_empty(query.shape)
