@@ -652,6 +652,8 @@ def main() -> None:
                     "kvshare.decode.GraphDecoder's gemv)")  # fmt: skip
     ap.add_argument("--kernel-writes-cache", action="store_true",
                     help="the graph path's triton attention writes each step's K/V (kvshare.decode.KERNEL_WRITES_CACHE)")  # fmt: skip
+    ap.add_argument("--merge-in-kernel", action="store_true",
+                    help="the graph path's triton attention merges its chunks itself (kvshare.decode.MERGE_IN_KERNEL)")  # fmt: skip
     ap.add_argument("--profile", action="store_true",
                     help="the graph path's cells also record each kernel's time per step (torch.profiler)")  # fmt: skip
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -669,6 +671,7 @@ def main() -> None:
         save(data, out)
         return
     kvshare.decode.KERNEL_WRITES_CACHE = args.kernel_writes_cache
+    kvshare.decode.MERGE_IN_KERNEL = args.merge_in_kernel
     torch._dynamo.config.recompile_limit = 64  # one graph per model and batch; all share one forward
     torch._dynamo.config.automatic_dynamic_shapes = False  # each batch its own static graph, not a symbolic one
     device = torch.device(args.device)

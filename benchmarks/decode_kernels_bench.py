@@ -75,7 +75,7 @@ def step_products(decoder, rows: int) -> list[tuple]:
 
     out = []
     for _, w, _ in decoder.layers:
-        ln1, qkv_w, qkv_b, _, _, _, o_w, o_b, ln2, gu_w, gu_b, down_w, down_b = w
+        ln1, qkv_w, qkv_b, _, _, _, o_w, o_b, ln2, gu_w, gu_b, down_w, down_b, _ = w
         x = rand(hidden, qkv_w)
         out += [(x, qkv_w, qkv_b, ln1, eps, None, None), (rand(o_w.shape[1], o_w), o_w, o_b, None, 0.0, None, x),
                 (x, gu_w, gu_b, ln2, eps, act, None), (rand(down_w.shape[1], down_w), down_w, down_b, None, 0.0, None, x)]  # fmt: skip
@@ -223,12 +223,14 @@ def main() -> None:
     ap.add_argument(
         "--kernel-writes-cache", action="store_true", help="kvshare.decode.KERNEL_WRITES_CACHE in the check"
     )
+    ap.add_argument("--merge-in-kernel", action="store_true", help="kvshare.decode.MERGE_IN_KERNEL in the check")
     ap.add_argument("--best", action="store_true", help="print decode_floor_bench's options for the fastest parts")
     args = ap.parse_args()
     if args.best:
         return print(best_options(json.loads((Path(args.out) / "decode_kernels.json").read_text())))
     torch._dynamo.config.recompile_limit = 64
     kvshare.decode.KERNEL_WRITES_CACHE = args.kernel_writes_cache
+    kvshare.decode.MERGE_IN_KERNEL = args.merge_in_kernel
     device, parts = torch.device("cuda"), args.parts.split(",")
     result = {"machine": machine.environment(device), "gemv": [], "attention": [], "splits": [], "check": []}
     out = Path(args.out) / "decode_kernels.json"

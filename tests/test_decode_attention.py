@@ -46,7 +46,7 @@ def _reference(query, keys, values, pos, groups, scaling):
     return out
 
 
-def _check(groups, batch=1, max_len=128, pos=70, d=16):
+def _check(groups, batch=1, max_len=128, pos=70, d=16, merge_in_kernel=False):
     from kvshare.decode_attention import attention
 
     torch.manual_seed(0)
@@ -54,9 +54,12 @@ def _check(groups, batch=1, max_len=128, pos=70, d=16):
     query = torch.randn(batch, n_heads, d)
     keys, values = torch.randn(2, batch, len(groups), max_len, d).unbind(0)
     keys[:, :, pos + 1 :], values[:, :, pos + 1 :] = float("nan"), float("inf")  # unwritten cache: never read
-    out = attention(query, keys, values, torch.tensor([pos]), _rows(groups), d**-0.5)
-    assert out.shape == query.shape and not out.isnan().any()
-    assert (out - _reference(query, keys, values, pos, groups, d**-0.5)).abs().max() <= 1e-4
+    counts = torch.zeros(batch * len(groups) + 3, dtype=torch.int32) if merge_in_kernel else None
+    for _ in range(2 if merge_in_kernel else 1):  # the counts are left zero for the next call
+        out = attention(query, keys, values, torch.tensor([pos]), _rows(groups), d**-0.5, counts=counts)
+        assert out.shape == query.shape and not out.isnan().any()
+        assert (out - _reference(query, keys, values, pos, groups, d**-0.5)).abs().max() <= 1e-4
+        assert counts is None or not counts.any()
 
 
 @pytest.mark.parametrize(
@@ -69,8 +72,9 @@ def _check(groups, batch=1, max_len=128, pos=70, d=16):
         (MQA, 2, 130, 129, 16),
     ],
 )
-def test_equals_reference(groups, batch, max_len, pos, d):
-    _check(groups, batch, max_len, pos, d)
+@pytest.mark.parametrize("merge_in_kernel", [False, True])
+def test_equals_reference(groups, batch, max_len, pos, d, merge_in_kernel):
+    _check(groups, batch, max_len, pos, d, merge_in_kernel)
 
 
 def test_long_chunks_and_merge_steps(monkeypatch):
@@ -80,7 +84,7 @@ def test_long_chunks_and_merge_steps(monkeypatch):
     monkeypatch.setattr(da, "BLOCK_N", 16)
     monkeypatch.setattr(da, "BLOCK_S", 4)
     assert da._splits(1, 3, 200, da._programs(torch.device("cpu"))) == (13, 16)
-    _check(UNEQUAL, max_len=200, pos=150)
+    _check(UNEQUAL, max_len=200, pos=150, merge_in_kernel=True)
     monkeypatch.setattr(da, "SMS", 6)
     assert da._splits(1, 3, 200, da._programs(torch.device("cpu"))) == (5, 48)
     _check(UNEQUAL, max_len=200, pos=150)
@@ -95,7 +99,7 @@ def test_one_chunk_writes_the_output_itself(monkeypatch):
     monkeypatch.setattr(da, "SMS", 1)
     assert da._splits(2, 4, 128, da._programs(torch.device("cpu")))[0] == 1
     _check(GQA, batch=2, max_len=128, pos=90)
-    _check(UNEQUAL, batch=2, max_len=200, pos=0)
+    _check(UNEQUAL, batch=2, max_len=200, pos=0, merge_in_kernel=True)
 
 
 def test_splits_fill_the_gpu_from_shapes():
@@ -183,14 +187,15 @@ def test_head_dim_power_of_two():
         attention(x, x.view(1, 1, 2, 24), x.view(1, 1, 2, 24), torch.tensor([0]), _rows([[0, 1]]), 1.0)
 
 
-@pytest.mark.parametrize("kernel_writes", [False, True])
+@pytest.mark.parametrize(("kernel_writes", "merge_in_kernel"), [(False, False), (True, False), (True, True)])
 @pytest.mark.parametrize("method", ["gqa", "qcqa-ac", "qcqa-ec", "cla2", "mqa", "qcqa-ac+cla2"])
 @torch.no_grad()
-def test_graph_decoder_with_the_kernel_equals_reference(method, kernel_writes, monkeypatch):
+def test_graph_decoder_with_the_kernel_equals_reference(method, kernel_writes, merge_in_kernel, monkeypatch):
     """GraphDecoder(attention="triton") passes each layer's query heads, cache and groups to the kernel as it
-    expects, the new K/V entries written before it or by it: the reference path's tokens and last-step logits
-    (eager layers, the kernel interpreted)."""
+    expects, the new K/V entries written before it or by it, its chunks merged by a second kernel or by itself: the
+    reference path's tokens and last-step logits (eager layers, the kernel interpreted)."""
     import kvshare.decode
+    import kvshare.decode_attention as da
     from kvshare.decode import GraphDecoder
     from kvshare.merge import convert_model
     from kvshare.plan import ModelShape
@@ -201,7 +206,10 @@ def test_graph_decoder_with_the_kernel_equals_reference(method, kernel_writes, m
     base = tiny_llama(heads=8, kv_heads=4, layers=4)
     plan = plans(ModelShape.of(base.config))[method]
     monkeypatch.setattr(kvshare.decode, "KERNEL_WRITES_CACHE", kernel_writes)
-    x, new = tokens(batch=2, length=7), 4
+    monkeypatch.setattr(kvshare.decode, "MERGE_IN_KERNEL", merge_in_kernel)
+    monkeypatch.setattr(da, "BLOCK_N", 16)  # several chunks of this short cache, so they are merged
+    x, new = tokens(batch=2, length=40), 4
+    assert da._splits(2, 4, x.shape[1] + new - 1, da._programs(torch.device("cpu")))[0] == 3
     expected = greedy(reference(base, plan), x, new)
     decoder = GraphDecoder(convert_model(base, plan), 2, x.shape[1] + new - 1, attention="triton", backend=None)
     assert torch.equal(decoder.generate(x, new), expected.sequences)

@@ -83,6 +83,9 @@ def floor_seconds(weight_bytes: int, kv_per_token: int, batch: int, context: int
 # inductor's took two more per layer: the key's rotation and write, and the value's write). Off until measured on
 # a GPU against the separate writes (decode_floor_bench --kernel-writes-cache); tested on the CPU either way.
 KERNEL_WRITES_CACHE = False
+# Whether its last program of each (sequence, KV head) merges the context's chunks (no merge kernel, 32 launches a
+# step fewer; the merge itself then runs on fewer programs). Off until measured (decode_floor_bench --merge-in-kernel).
+MERGE_IN_KERNEL = False
 
 
 class LayerSpec(NamedTuple):
@@ -189,8 +192,9 @@ def _decode_layer(x, pos, cos, sin, keys, values, w: tuple, spec: LayerSpec):
     """One decoder layer for one token per sequence, x [batch, 1, hidden]; writes the layer's K/V at ``pos``.
     ``w``: input norm, fused q/k/v weight and bias, query slot and unslot indices (unequal groups; else None),
     each KV head's query heads (``rows``, for attention "triton"), o weight and bias, post-attention norm, fused
-    gate/up weight and bias, down weight and bias."""
-    ln1, qkv_w, qkv_b, slots, unslots, rows, o_w, o_b, ln2, gu_w, gu_b, down_w, down_b = w
+    gate/up weight and bias, down weight and bias, the triton attention's merge counts (MERGE_IN_KERNEL; else
+    None)."""
+    ln1, qkv_w, qkv_b, slots, unslots, rows, o_w, o_b, ln2, gu_w, gu_b, down_w, down_b, counts = w
     batch, d = x.shape[0], spec.head_dim
     parts = spec.linear(x, qkv_w, qkv_b, ln1, spec.eps).split(spec.qkv_sizes, -1)
     kernel_writes = spec.attention == "triton" and spec.kernel_writes
@@ -202,7 +206,8 @@ def _decode_layer(x, pos, cos, sin, keys, values, w: tuple, spec: LayerSpec):
         from kvshare.decode_attention import attention
 
         new = [p.view(batch, -1, d) for p in parts[1:]] if kernel_writes else []  # none in a CLA reader
-        out = attention(parts[0].view(batch, -1, d), keys, values, pos, rows, spec.scaling, cos, sin, *new)
+        out = attention(parts[0].view(batch, -1, d), keys, values, pos, rows, spec.scaling, cos, sin, *new,
+                        counts=counts)  # fmt: skip
     else:
         query = _rope(parts[0].view(batch, 1, -1, d).transpose(1, 2), cos, sin)
         if slots is not None:
@@ -274,6 +279,9 @@ class GraphDecoder:
             from kvshare.gemv import linear_product as linear
         elif gemv == "triton-fused" and self.device.type == "cuda":
             from kvshare.gemv import linear
+        kv_most = max(layer.self_attn.n_kv for layer in model.model.layers)
+        merges = MERGE_IN_KERNEL and attention == "triton"
+        self.counts = torch.zeros(batch_size * kv_most, dtype=torch.int32, device=self.device) if merges else None
         self.layers = [self._layer_inputs(layer, attention, linear) for layer in model.model.layers]
         self.linear = linear
         long = dict(dtype=torch.long, device=self.device)
@@ -308,7 +316,8 @@ class GraphDecoder:
         spec = LayerSpec(stores, attn.n_kv, attn._gmax, attn.head_dim, attn.scaling, config.rms_norm_eps, sizes,
                          config.hidden_act, attention, KERNEL_WRITES_CACHE, linear)  # fmt: skip
         w = (layer.input_layernorm.weight, qkv_w, qkv_b, slots, unslots, rows, attn.o_proj.weight, attn.o_proj.bias,
-             layer.post_attention_layernorm.weight, gu_w, gu_b, mlp.down_proj.weight, mlp.down_proj.bias)  # fmt: skip
+             layer.post_attention_layernorm.weight, gu_w, gu_b, mlp.down_proj.weight, mlp.down_proj.bias,
+             self.counts)  # fmt: skip
         return attn.kv_layer, w, spec
 
     @property

@@ -43,10 +43,10 @@ def _rotated(row, rd, cos, sin, mask, HEAD_DIM: tl.constexpr):
 
 @triton.jit
 def _partial_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, rows_ptr, cos_ptr, sin_ptr, nk_ptr, nv_ptr, o_ptr, lse_ptr,
-                    qk_scale, n_heads, splits, chunk, stride_qb, stride_qh, stride_kb, stride_kh, stride_cb,
-                    stride_nb, stride_nh, GM: tl.constexpr, HEAD_DIM: tl.constexpr, ROPE: tl.constexpr,
-                    STORE: tl.constexpr, DIRECT: tl.constexpr, BLOCK_M: tl.constexpr,
-                    BLOCK_N: tl.constexpr):  # fmt: skip
+                    cnt_ptr, out_ptr, qk_scale, n_heads, n_kv, splits, chunk, stride_qb, stride_qh, stride_kb,
+                    stride_kh, stride_cb, stride_nb, stride_nh, GM: tl.constexpr, HEAD_DIM: tl.constexpr,
+                    ROPE: tl.constexpr, STORE: tl.constexpr, DIRECT: tl.constexpr, MERGE: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
     b = tl.program_id(0).to(tl.int64)  # a large cache's offsets pass 2**31
     kv = tl.program_id(1)
     split = tl.program_id(2)
@@ -96,6 +96,27 @@ def _partial_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, rows_ptr, cos_ptr, sin_ptr, nk
         tl.store(lse_ptr + row, m_i + tl.log2(l_safe), mask=live)
     out = (acc / l_safe[:, None]).to(o_ptr.dtype.element_ty)
     tl.store(o_ptr + row[:, None] * HEAD_DIM + rd[None, :], out, mask=live[:, None])
+    if MERGE:  # the last of a (sequence, KV head)'s programs to finish merges its chunks: no second kernel
+        tl.debug_barrier()  # every thread's partial stored before the count says so
+        count = cnt_ptr + b * n_kv + kv
+        if tl.atomic_add(count, 1, sem="acq_rel") == splits - 1:
+            tl.debug_barrier()
+            base = (b * n_heads + head) * splits
+            m = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+            den = tl.zeros((BLOCK_M,), tl.float32)
+            acc = tl.zeros((BLOCK_M, HEAD_DIM), tl.float32)
+            for s in range(0, splits):  # chunk 0 is never empty, so m is finite from the first step
+                lse = tl.load(lse_ptr + base + s, mask=live, other=0.0, cache_modifier=".cg")
+                part = tl.load(o_ptr + (base + s)[:, None] * HEAD_DIM + rd[None, :], mask=live[:, None], other=0.0,
+                               cache_modifier=".cg")  # fmt: skip
+                m_new = tl.maximum(m, lse)
+                alpha, weight = tl.exp2(m - m_new), tl.exp2(lse - m_new)
+                acc = acc * alpha[:, None] + weight[:, None] * part
+                den = den * alpha + weight
+                m = m_new
+            merged = (acc / den[:, None]).to(out_ptr.dtype.element_ty)
+            tl.store(out_ptr + (b * n_heads + head)[:, None] * HEAD_DIM + rd[None, :], merged, mask=live[:, None])
+            tl.store(count, 0)  # zero again for the next call
 
 
 @triton.jit
@@ -133,7 +154,7 @@ def _splits(batch: int, n_kv: int, max_len: int, programs: int) -> tuple[int, in
     return triton.cdiv(blocks, per_chunk), per_chunk * BLOCK_N
 
 
-@torch.library.custom_op("kvshare::decode_attention", mutates_args=("keys", "values"))
+@torch.library.custom_op("kvshare::decode_attention", mutates_args=("keys", "values", "counts"))
 def attention(
     query: torch.Tensor,
     keys: torch.Tensor,
@@ -145,6 +166,7 @@ def attention(
     sin: torch.Tensor | None = None,
     key: torch.Tensor | None = None,
     value: torch.Tensor | None = None,
+    counts: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Each query head's attention over its KV head's cache up to ``pos`` (inclusive). query [batch, n_heads,
     head_dim], each head's values contiguous (a slice of a fused q/k/v product will do); keys and values [batch,
@@ -152,8 +174,10 @@ def attention(
     query heads that read each KV head, padded with -1; cos and sin [batch, 1, head_dim], each row contiguous
     (transformers' rotary embedding of the position): given, the query is rotated by them first; key and value
     [batch, n_kv, head_dim], each head contiguous, alike in strides: the position's new entry, which the kernel
-    writes into the cache at pos (the key rotated by cos and sin) before attending to it. Returns [batch,
-    n_heads, head_dim] in the query's dtype and head order."""
+    writes into the cache at pos (the key rotated by cos and sin) before attending to it; counts int32 [at least
+    batch × n_kv], zeros (and left zero): given, the partial kernel's last program of each (sequence, KV head)
+    merges the chunks, with no second kernel. Returns [batch, n_heads, head_dim] in the query's dtype and head
+    order."""
     batch, n_heads, d = query.shape
     n_kv, max_len = keys.shape[1], keys.shape[2]
     gm = rows.shape[1]
@@ -179,6 +203,11 @@ def attention(
             f"strides with each head contiguous, and cos and sin to rotate the key: got key "
             f"{None if key is None else tuple(key.shape)} and value {None if value is None else tuple(value.shape)}"
         )
+    if counts is not None and not (counts.dtype == torch.int32 and counts.numel() >= batch * n_kv):
+        raise ValueError(
+            f"decode attention's counts are int32 zeros, at least batch × n_kv = {batch * n_kv} of them, got "
+            f"{counts.numel()} of {counts.dtype}"
+        )
     splits, chunk = _splits(batch, n_kv, max_len, _programs(query.device))
     out = query.new_empty(batch, n_heads, d)
     direct = splits == 1
@@ -186,19 +215,21 @@ def attention(
     lse = out if direct else torch.empty(batch, n_heads, splits, dtype=torch.float32, device=query.device)
     cos, sin = (cos, sin) if rope else (query, query)  # not read
     key, value = (key, value) if store else (query, query)
-    _partial_kernel[(batch, n_kv, splits)](query, keys, values, pos, rows, cos, sin, key, value, o, lse,
-                                           scaling * math.log2(math.e), n_heads, splits, chunk, query.stride(0),
-                                           query.stride(1), keys.stride(0), keys.stride(1), cos.stride(0),
-                                           key.stride(0), key.stride(1), GM=gm, HEAD_DIM=d, ROPE=rope, STORE=store,
-                                           DIRECT=direct,
+    merge = counts is not None and not direct
+    counts = query if counts is None else counts  # not read without MERGE
+    _partial_kernel[(batch, n_kv, splits)](query, keys, values, pos, rows, cos, sin, key, value, o, lse, counts, out,
+                                           scaling * math.log2(math.e), n_heads, n_kv, splits, chunk,
+                                           query.stride(0), query.stride(1), keys.stride(0), keys.stride(1),
+                                           cos.stride(0), key.stride(0), key.stride(1), GM=gm, HEAD_DIM=d, ROPE=rope,
+                                           STORE=store, DIRECT=direct, MERGE=merge,
                                            BLOCK_M=max(16, triton.next_power_of_2(gm)), BLOCK_N=BLOCK_N,
                                            num_warps=WARPS, num_stages=STAGES)  # fmt: skip
-    if not direct:
+    if not (direct or merge):
         _combine_kernel[(batch, n_heads)](o, lse, out, n_heads, splits, HEAD_DIM=d,
                                           SPLITS=triton.next_power_of_2(splits), BLOCK_S=BLOCK_S)  # fmt: skip
     return out
 
 
 @attention.register_fake
-def _(query, keys, values, pos, rows, scaling, cos=None, sin=None, key=None, value=None):
+def _(query, keys, values, pos, rows, scaling, cos=None, sin=None, key=None, value=None, counts=None):
     return query.new_empty(query.shape)
