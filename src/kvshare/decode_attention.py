@@ -4,13 +4,19 @@ KV heads in unequal, non-contiguous groups.
 A decode step's attention is bound by reading the cached K/V, and one program per (sequence, KV head) leaves
 most of the GPU idle at small batch; torch's kernels also want equal, contiguous groups (GQA), so kvshare's
 groups cost a gather of the query rows before and a scatter after. Here each program gathers its KV head's
-query rows itself (by ``rows``), rotating them by the position's rotary cos/sin as it loads them (so a
-step has no kernel of its own for that), walks one chunk of the context with an online softmax, reading that K/V once
-for all of them, and writes a partial output with its log-sum-exp; a second kernel merges the chunks into
-each query head's output, in the query's own head order. Where one chunk is the whole context (large batches)
-the first kernel writes the output itself: the merge read and wrote every output again for nothing (5.1 of a
-59.5 ms step, MQA at batch 1959 on an H100). The position is read on the device and the grid
+query rows itself (by ``rows``), rotating them by the position's rotary cos/sin as it loads them (so a step
+has no kernel of its own for that), walks one chunk of the context with an online softmax, reading that K/V
+once for all of them, and writes a partial output with its log-sum-exp; a second kernel merges the chunks
+into each query head's output, in the query's own head order. Where one chunk is the whole context (large
+batches) the first kernel writes the output itself: the merge read and wrote every output again for nothing
+(5.1 of a 59.5 ms step, MQA at batch 1959 on an H100). The position is read on the device and the grid
 depends on shapes alone, so a CUDA graph can replay the step at any position.
+
+Two more kernels a layer can go, not yet measured on a GPU (kvshare.decode's KERNEL_WRITES_CACHE and
+MERGE_IN_KERNEL switch them on): given the position's new key and value, the program whose chunk holds the
+position writes them into the cache (the key rotated) before reading it, its threads waiting on a barrier;
+given zeroed counts, the last program of each (sequence, KV head) to finish, by an atomic count, merges the
+chunks itself and zeroes its count again.
 
 :func:`attention` is a torch custom op, so torch.compile leaves it as one opaque call inside a compiled decode
 layer. Importing this module needs ``triton`` (shipped with CUDA builds of torch).
