@@ -240,8 +240,9 @@ class GraphDecoder:
 
     Each layer is compiled on its own (``backend``; None runs eagerly), so layers alike share one compile, or the
     whole step as one (``compile_unit="step"``: fewer kernels, as each residual joins the next norm, but a slower
-    step on an H100, 5.45 against 5.32 ms at batch 1). The model stays a transformers model (``generate`` still works); build the decoder after moving the model to its
-    device, since the graphs hold the addresses of its weights. Off CUDA (tests) the steps run without a graph.
+    step on an H100, 5.45 against 5.32 ms at batch 1). The model stays a transformers model (``generate`` still
+    works); build the decoder after moving the model to its device, since the graphs hold the addresses of its
+    weights. Off CUDA (tests) the steps run without a graph.
     ``gemv`` picks the decode step's matrix products on CUDA: "triton", the default (kvshare.gemv's kernel for up
     to 16 rows, torch's beyond, the residuals added inside it, the norms and activation by inductor's kernels
     around it: a 7B step at batch 1 took 5.20 ms against 5.40 with "cublas" on an H100), "cublas" (torch's), or

@@ -199,7 +199,8 @@ def attention(
     if rope and not (cos.shape == sin.shape == (batch, 1, d) and cos.stride() == sin.stride() and cos.stride(2) == 1):
         raise ValueError(
             f"decode attention's cos and sin are [batch, 1, head_dim] = ({batch}, 1, {d}), alike and each row "
-            f"contiguous, got {tuple(cos.shape)} and {tuple(sin.shape)}: pass transformers' rotary embedding of the position"
+            f"contiguous, got {tuple(cos.shape)} and {tuple(sin.shape)}: pass transformers' rotary embedding of "
+            "the position"
         )
     store = key is not None
     if store and not (rope and value is not None and key.shape == value.shape == (batch, n_kv, d)
