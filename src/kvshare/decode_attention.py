@@ -16,7 +16,8 @@ Two more kernels a layer can go, not yet measured on a GPU (kvshare.decode's KER
 MERGE_IN_KERNEL switch them on): given the position's new key and value, the program whose chunk holds the
 position writes them into the cache (the key rotated) before reading it, its threads waiting on a barrier;
 given zeroed counts, the last program of each (sequence, KV head) to finish, by an atomic count, merges the
-chunks itself and zeroes its count again.
+chunks itself (each of its heads' chunks BLOCK_S at a time, as the merge kernel does, where that takes fewer
+steps than all its heads a chunk at a time) and zeroes its count again.
 
 :func:`attention` is a torch custom op, so torch.compile leaves it as one opaque call inside a compiled decode
 layer. Importing this module needs ``triton`` (shipped with CUDA builds of torch).
@@ -52,7 +53,8 @@ def _partial_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, rows_ptr, cos_ptr, sin_ptr, nk
                     cnt_ptr, out_ptr, qk_scale, n_heads, n_kv, splits, chunk, stride_qb, stride_qh, stride_kb,
                     stride_kh, stride_cb, stride_nb, stride_nh, GM: tl.constexpr, HEAD_DIM: tl.constexpr,
                     ROPE: tl.constexpr, STORE: tl.constexpr, DIRECT: tl.constexpr, MERGE: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+                    MERGE_BY_HEAD: tl.constexpr, SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr):  # fmt: skip
     b = tl.program_id(0).to(tl.int64)  # a large cache's offsets pass 2**31
     kv = tl.program_id(1)
     split = tl.program_id(2)
@@ -107,42 +109,61 @@ def _partial_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, rows_ptr, cos_ptr, sin_ptr, nk
         count = cnt_ptr + b * n_kv + kv
         if tl.atomic_add(count, 1, sem="acq_rel") == splits - 1:
             tl.debug_barrier()
-            base = (b * n_heads + head) * splits
-            m = tl.full((BLOCK_M,), float("-inf"), tl.float32)
-            den = tl.zeros((BLOCK_M,), tl.float32)
-            acc = tl.zeros((BLOCK_M, HEAD_DIM), tl.float32)
-            for s in range(0, splits):  # chunk 0 is never empty, so m is finite from the first step
-                lse = tl.load(lse_ptr + base + s, mask=live, other=0.0, cache_modifier=".cg")
-                part = tl.load(o_ptr + (base + s)[:, None] * HEAD_DIM + rd[None, :], mask=live[:, None], other=0.0,
-                               cache_modifier=".cg")  # fmt: skip
-                m_new = tl.maximum(m, lse)
-                alpha, weight = tl.exp2(m - m_new), tl.exp2(lse - m_new)
-                acc = acc * alpha[:, None] + weight[:, None] * part
-                den = den * alpha + weight
-                m = m_new
-            merged = (acc / den[:, None]).to(out_ptr.dtype.element_ty)
-            tl.store(out_ptr + (b * n_heads + head)[:, None] * HEAD_DIM + rd[None, :], merged, mask=live[:, None])
+            if MERGE_BY_HEAD:  # few heads, many chunks: each head's chunks BLOCK_S at a time
+                for r in tl.static_range(GM):
+                    one = tl.load(rows_ptr + kv * GM + r)
+                    if one >= 0:
+                        _merge_head(o_ptr, lse_ptr, out_ptr, b * n_heads + one, splits, HEAD_DIM, SPLITS, BLOCK_S,
+                                    ".cg")  # fmt: skip
+            else:  # many heads, few chunks: all heads a chunk at a time
+                base = (b * n_heads + head) * splits
+                m = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+                den = tl.zeros((BLOCK_M,), tl.float32)
+                acc = tl.zeros((BLOCK_M, HEAD_DIM), tl.float32)
+                for s in range(0, splits):  # chunk 0 is never empty, so m is finite from the first step
+                    lse = tl.load(lse_ptr + base + s, mask=live, other=0.0, cache_modifier=".cg")
+                    part = tl.load(o_ptr + (base + s)[:, None] * HEAD_DIM + rd[None, :], mask=live[:, None],
+                                   other=0.0, cache_modifier=".cg")  # fmt: skip
+                    m_new = tl.maximum(m, lse)
+                    alpha, weight = tl.exp2(m - m_new), tl.exp2(lse - m_new)
+                    acc = acc * alpha[:, None] + weight[:, None] * part
+                    den = den * alpha + weight
+                    m = m_new
+                merged = (acc / den[:, None]).to(out_ptr.dtype.element_ty)
+                tl.store(out_ptr + (b * n_heads + head)[:, None] * HEAD_DIM + rd[None, :], merged,
+                         mask=live[:, None])  # fmt: skip
             tl.store(count, 0)  # zero again for the next call
+
+
+@triton.jit
+def _merge_head(o_ptr, lse_ptr, out_ptr, bh, splits, HEAD_DIM: tl.constexpr, SPLITS: tl.constexpr,
+                BLOCK_S: tl.constexpr, CACHE: tl.constexpr):  # fmt: skip
+    """One query head's output (``bh``: its sequence × n_heads + head) from its chunks' partial outputs and
+    log-sum-exps, BLOCK_S chunks a step."""
+    rd = tl.arange(0, HEAD_DIM)
+    rs = tl.arange(0, BLOCK_S)
+    all_s = tl.arange(0, SPLITS)
+    lse_all = tl.load(lse_ptr + bh * splits + all_s, mask=all_s < splits, other=float("-inf"), cache_modifier=CACHE)
+    m = tl.max(lse_all, 0)
+    acc = tl.zeros((BLOCK_S, HEAD_DIM), tl.float32)
+    den = tl.zeros((BLOCK_S,), tl.float32)
+    for s in range(0, splits, BLOCK_S):  # in steps: all chunks' outputs at once would spill registers
+        rows = bh * splits + s + rs
+        mask = s + rs < splits
+        w = tl.exp2(tl.load(lse_ptr + rows, mask=mask, other=float("-inf"), cache_modifier=CACHE) - m)
+        part = tl.load(o_ptr + rows[:, None] * HEAD_DIM + rd[None, :], mask=mask[:, None], other=0.0,
+                       cache_modifier=CACHE)  # fmt: skip
+        acc += w[:, None] * part
+        den += w
+    out = tl.sum(acc, 0) / tl.sum(den, 0)
+    tl.store(out_ptr + bh * HEAD_DIM + rd, out.to(out_ptr.dtype.element_ty))
 
 
 @triton.jit
 def _combine_kernel(o_ptr, lse_ptr, out_ptr, n_heads, splits, HEAD_DIM: tl.constexpr, SPLITS: tl.constexpr,
                     BLOCK_S: tl.constexpr):  # fmt: skip
     bh = tl.program_id(0).to(tl.int64) * n_heads + tl.program_id(1)
-    rd = tl.arange(0, HEAD_DIM)
-    rs = tl.arange(0, BLOCK_S)
-    all_s = tl.arange(0, SPLITS)
-    m = tl.max(tl.load(lse_ptr + bh * splits + all_s, mask=all_s < splits, other=float("-inf")), 0)
-    acc = tl.zeros((BLOCK_S, HEAD_DIM), tl.float32)
-    den = tl.zeros((BLOCK_S,), tl.float32)
-    for s in range(0, splits, BLOCK_S):  # in steps: all chunks' outputs at once would spill registers
-        rows = bh * splits + s + rs
-        mask = s + rs < splits
-        w = tl.exp2(tl.load(lse_ptr + rows, mask=mask, other=float("-inf")) - m)
-        acc += w[:, None] * tl.load(o_ptr + rows[:, None] * HEAD_DIM + rd[None, :], mask=mask[:, None], other=0.0)
-        den += w
-    out = tl.sum(acc, 0) / tl.sum(den, 0)
-    tl.store(out_ptr + bh * HEAD_DIM + rd, out.to(out_ptr.dtype.element_ty))
+    _merge_head(o_ptr, lse_ptr, out_ptr, bh, splits, HEAD_DIM, SPLITS, BLOCK_S, "")
 
 
 def _programs(device) -> int:
@@ -229,6 +250,8 @@ def attention(
                                            query.stride(0), query.stride(1), keys.stride(0), keys.stride(1),
                                            cos.stride(0), key.stride(0), key.stride(1), GM=gm, HEAD_DIM=d, ROPE=rope,
                                            STORE=store, DIRECT=direct, MERGE=merge,
+                                           MERGE_BY_HEAD=gm * triton.cdiv(splits, BLOCK_S) <= splits,
+                                           SPLITS=triton.next_power_of_2(splits), BLOCK_S=BLOCK_S,
                                            BLOCK_M=max(16, triton.next_power_of_2(gm)), BLOCK_N=BLOCK_N,
                                            num_warps=WARPS, num_stages=STAGES)  # fmt: skip
     if not (direct or merge):
