@@ -105,34 +105,45 @@ def _partial_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, rows_ptr, cos_ptr, sin_ptr, nk
     out = (acc / l_safe[:, None]).to(o_ptr.dtype.element_ty)
     tl.store(o_ptr + row[:, None] * HEAD_DIM + rd[None, :], out, mask=live[:, None])
     if MERGE:  # the last of a (sequence, KV head)'s programs to finish merges its chunks: no second kernel
-        tl.debug_barrier()  # every thread's partial stored before the count says so
-        count = cnt_ptr + b * n_kv + kv
-        if tl.atomic_add(count, 1, sem="acq_rel") == splits - 1:
-            tl.debug_barrier()
-            if MERGE_BY_HEAD:  # few heads, many chunks: each head's chunks BLOCK_S at a time
-                for r in tl.static_range(GM):
-                    one = tl.load(rows_ptr + kv * GM + r)
-                    if one >= 0:
-                        _merge_head(o_ptr, lse_ptr, out_ptr, b * n_heads + one, splits, HEAD_DIM, SPLITS, BLOCK_S,
-                                    ".cg")  # fmt: skip
-            else:  # many heads, few chunks: all heads a chunk at a time
-                base = (b * n_heads + head) * splits
-                m = tl.full((BLOCK_M,), float("-inf"), tl.float32)
-                den = tl.zeros((BLOCK_M,), tl.float32)
-                acc = tl.zeros((BLOCK_M, HEAD_DIM), tl.float32)
-                for s in range(0, splits):  # chunk 0 is never empty, so m is finite from the first step
-                    lse = tl.load(lse_ptr + base + s, mask=live, other=0.0, cache_modifier=".cg")
-                    part = tl.load(o_ptr + (base + s)[:, None] * HEAD_DIM + rd[None, :], mask=live[:, None],
-                                   other=0.0, cache_modifier=".cg")  # fmt: skip
-                    m_new = tl.maximum(m, lse)
-                    alpha, weight = tl.exp2(m - m_new), tl.exp2(lse - m_new)
-                    acc = acc * alpha[:, None] + weight[:, None] * part
-                    den = den * alpha + weight
-                    m = m_new
-                merged = (acc / den[:, None]).to(out_ptr.dtype.element_ty)
-                tl.store(out_ptr + (b * n_heads + head)[:, None] * HEAD_DIM + rd[None, :], merged,
-                         mask=live[:, None])  # fmt: skip
-            tl.store(count, 0)  # zero again for the next call
+        _merge_if_last(o_ptr, lse_ptr, out_ptr, cnt_ptr, rows_ptr, b, kv, head, live, n_heads, n_kv, splits, GM,
+                       HEAD_DIM, MERGE_BY_HEAD, SPLITS, BLOCK_S, BLOCK_M)  # fmt: skip
+
+
+@triton.jit
+def _merge_if_last(o_ptr, lse_ptr, out_ptr, cnt_ptr, rows_ptr, b, kv, head, live, n_heads, n_kv, splits,
+                   GM: tl.constexpr, HEAD_DIM: tl.constexpr, MERGE_BY_HEAD: tl.constexpr, SPLITS: tl.constexpr,
+                   BLOCK_S: tl.constexpr, BLOCK_M: tl.constexpr):  # fmt: skip
+    """Counts this program's chunk of KV head ``kv`` done and, if it is the last, merges the chunks of its query
+    heads (``head``, ``live``) into their outputs and zeroes the count for the next call."""
+    rd = tl.arange(0, HEAD_DIM)
+    tl.debug_barrier()  # every thread's partial stored before the count says so
+    count = cnt_ptr + b * n_kv + kv
+    if tl.atomic_add(count, 1, sem="acq_rel") == splits - 1:
+        tl.debug_barrier()
+        if MERGE_BY_HEAD:  # few heads, many chunks: each head's chunks BLOCK_S at a time
+            for r in tl.static_range(GM):
+                one = tl.load(rows_ptr + kv * GM + r)
+                if one >= 0:
+                    _merge_head(o_ptr, lse_ptr, out_ptr, b * n_heads + one, splits, HEAD_DIM, SPLITS, BLOCK_S,
+                                ".cg")  # fmt: skip
+        else:  # many heads, few chunks: all heads a chunk at a time
+            base = (b * n_heads + head) * splits
+            m = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+            den = tl.zeros((BLOCK_M,), tl.float32)
+            acc = tl.zeros((BLOCK_M, HEAD_DIM), tl.float32)
+            for s in range(0, splits):  # chunk 0 is never empty, so m is finite from the first step
+                lse = tl.load(lse_ptr + base + s, mask=live, other=0.0, cache_modifier=".cg")
+                part = tl.load(o_ptr + (base + s)[:, None] * HEAD_DIM + rd[None, :], mask=live[:, None],
+                               other=0.0, cache_modifier=".cg")  # fmt: skip
+                m_new = tl.maximum(m, lse)
+                alpha, weight = tl.exp2(m - m_new), tl.exp2(lse - m_new)
+                acc = acc * alpha[:, None] + weight[:, None] * part
+                den = den * alpha + weight
+                m = m_new
+            merged = (acc / den[:, None]).to(out_ptr.dtype.element_ty)
+            tl.store(out_ptr + (b * n_heads + head)[:, None] * HEAD_DIM + rd[None, :], merged,
+                     mask=live[:, None])  # fmt: skip
+        tl.store(count, 0)  # zero again for the next call
 
 
 @triton.jit
