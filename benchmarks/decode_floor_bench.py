@@ -215,7 +215,7 @@ def facts(model, batch, args) -> dict:
     rec = dict(bandwidth=args.bandwidth, weights_bytes=weights, kv_bytes_per_token=kv, context=context, floor_ms=1e3 * floor,
                read_floor_ms=1e3 * floor_seconds(weights, read, batch, context, args.bandwidth),
                stored_kv_heads=plan.stored_kv_heads, kv_fraction=plan.kv_fraction)  # fmt: skip
-    if getattr(args, "matmul_rate", None):  # large batches: the products bound by compute, not by reading weights
+    if args.matmul_rate:  # large batches: the products bound by compute, not by reading weights
         products = 2 * batch * sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
         compute = max(weights / args.bandwidth, products / args.matmul_rate)
         rec["compute_floor_ms"] = 1e3 * (compute + batch * context * kv / args.bandwidth)
@@ -388,12 +388,10 @@ def path_of(variant: str, phase: str, args) -> str:
         return "generate/hf"
     if args.decoder == "graph":
         unit = "" if args.compile_unit == "layer" else "/step-compiled"
-        writes = (
-            "/kernel-writes"
-            if getattr(args, "kernel_writes_cache", False) and args.decode_attention == "triton"
-            else ""
-        )
-        return f"graph/{args.decode_attention}/{args.gemv}{unit}{writes}"
+        kernel = args.decode_attention == "triton"  # the switches of kvshare.decode_attention's kernel
+        writes = "/kernel-writes" if kernel and args.kernel_writes_cache else ""
+        merges = "/kernel-merges" if kernel and args.merge_in_kernel else ""
+        return f"graph/{args.decode_attention}/{args.gemv}{unit}{writes}{merges}"
     return f"generate/{args.decode_attention}"
 
 
@@ -456,7 +454,7 @@ def run_piece(args, device, dtype, data, out) -> None:
         env["matmul_flops"] = args.matmul_rate = matmul_rate(device)
         args.bandwidth = BANDWIDTH if "H200" in env.get("gpu", "") else env["copy_rate_Bps"]
     else:
-        args.bandwidth = BANDWIDTH
+        args.bandwidth, args.matmul_rate = BANDWIDTH, None  # no compute floor off the GPU
     env_id = f"{env.get('gpu', env['device'])} / {env['host']}"
     data["machines"][env_id] = env
     dims_of = SMOKE_SHAPES if args.smoke else SHAPES

@@ -142,7 +142,7 @@ def time_splits(device, batch: int, n_kv: int, tune: dict, layers: int = 32, max
     import kvshare.decode_attention as da
 
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    keys = [torch.randn(batch, n_kv, max_len, 128, device=device, dtype=torch.bfloat16) for _ in range(2 * layers)]
+    caches = [torch.randn(batch, n_kv, max_len, 128, device=device, dtype=torch.bfloat16) for _ in range(2 * layers)]
     rows = torch.arange(32, dtype=torch.int32, device=device).view(n_kv, -1)
     query = torch.randn(batch, 32, 128, device=device, dtype=torch.bfloat16)
     cos, sin = torch.randn(2, batch, 1, 128, device=device, dtype=torch.bfloat16).unbind(0)
@@ -163,12 +163,12 @@ def time_splits(device, batch: int, n_kv: int, tune: dict, layers: int = 32, max
         for rope in (False, True):
             extra = (cos, sin) if rope else ()
             ms = graph_ms(lambda extra=extra: [da.attention(query, k, v, pos, rows, 0.088, *extra)
-                                               for k, v in zip(keys[::2], keys[1::2], strict=True)])  # fmt: skip
+                                               for k, v in zip(caches[::2], caches[1::2], strict=True)])  # fmt: skip
             rec["rope_ms" if rope else "ms"] = ms
     finally:
         for name, value in saved.items():
             setattr(da, name, value)
-    nbytes = 2 * layers * keys[0].numel() * keys[0].element_size()
+    nbytes = 2 * layers * caches[0].numel() * caches[0].element_size()
     return rec | {"kv_bytes": nbytes, "GBps": nbytes / rec["ms"] / 1e6}
 
 
