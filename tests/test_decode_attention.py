@@ -56,7 +56,8 @@ def _check(groups, batch=1, max_len=128, pos=70, d=16, merge_in_kernel=False):
     keys[:, :, pos + 1 :], values[:, :, pos + 1 :] = float("nan"), float("inf")  # unwritten cache: never read
     counts = torch.zeros(batch * len(groups) + 3, dtype=torch.int32) if merge_in_kernel else None
     for _ in range(2 if merge_in_kernel else 1):  # the counts are left zero for the next call
-        out = attention(query, keys, values, torch.tensor([pos]), _rows(groups), d**-0.5, counts=counts)
+        out = attention(query, keys, values, torch.tensor([pos]), _rows(groups), d**-0.5, counts=counts,
+                        merge=merge_in_kernel)  # fmt: skip
         assert out.shape == query.shape and not out.isnan().any()
         assert (out - _reference(query, keys, values, pos, groups, d**-0.5)).abs().max() <= 1e-4
         assert counts is None or not counts.any()

@@ -101,6 +101,7 @@ class LayerSpec(NamedTuple):
     act: str  # the MLP's activation, a transformers ACT2FN name
     attention: str
     kernel_writes: bool  # attention "triton" writes the new K/V entry itself (KERNEL_WRITES_CACHE)
+    kernel_merges: bool  # and merges the context's chunks itself (MERGE_IN_KERNEL)
     linear: Callable  # linear_reference, kvshare.gemv.linear_product or kvshare.gemv.linear
 
 
@@ -192,8 +193,7 @@ def _decode_layer(x, pos, cos, sin, keys, values, w: tuple, spec: LayerSpec):
     """One decoder layer for one token per sequence, x [batch, 1, hidden]; writes the layer's K/V at ``pos``.
     ``w``: input norm, fused q/k/v weight and bias, query slot and unslot indices (unequal groups; else None),
     each KV head's query heads (``rows``, for attention "triton"), o weight and bias, post-attention norm, fused
-    gate/up weight and bias, down weight and bias, the triton attention's merge counts (MERGE_IN_KERNEL; else
-    None)."""
+    gate/up weight and bias, down weight and bias, the triton attention's merge counts (else None)."""
     ln1, qkv_w, qkv_b, slots, unslots, rows, o_w, o_b, ln2, gu_w, gu_b, down_w, down_b, counts = w
     batch, d = x.shape[0], spec.head_dim
     parts = spec.linear(x, qkv_w, qkv_b, ln1, spec.eps).split(spec.qkv_sizes, -1)
@@ -207,7 +207,7 @@ def _decode_layer(x, pos, cos, sin, keys, values, w: tuple, spec: LayerSpec):
 
         new = [p.view(batch, -1, d) for p in parts[1:]] if kernel_writes else []  # none in a CLA reader
         out = attention(parts[0].view(batch, -1, d), keys, values, pos, rows, spec.scaling, cos, sin, *new,
-                        counts=counts)  # fmt: skip
+                        counts=counts, merge=spec.kernel_merges)  # fmt: skip
     else:
         query = _rope(parts[0].view(batch, 1, -1, d).transpose(1, 2), cos, sin)
         if slots is not None:
@@ -281,8 +281,8 @@ class GraphDecoder:
         elif gemv == "triton-fused" and self.device.type == "cuda":
             from kvshare.gemv import linear
         kv_most = max(layer.self_attn.n_kv for layer in model.model.layers)
-        merges = MERGE_IN_KERNEL and attention == "triton"
-        self.counts = torch.zeros(batch_size * kv_most, dtype=torch.int32, device=self.device) if merges else None
+        triton = attention == "triton"  # counts passed even unread: see kvshare.decode_attention.attention
+        self.counts = torch.zeros(batch_size * kv_most, dtype=torch.int32, device=self.device) if triton else None
         self.layers = [self._layer_inputs(layer, attention, linear) for layer in model.model.layers]
         self.linear = linear
         long = dict(dtype=torch.long, device=self.device)
@@ -315,7 +315,7 @@ class GraphDecoder:
         rows = torch.tensor(rows, dtype=torch.int32, device=self.device)
         sizes = (config.num_attention_heads * attn.head_dim,) + (attn.n_kv * attn.head_dim,) * (2 if stores else 0)
         spec = LayerSpec(stores, attn.n_kv, attn._gmax, attn.head_dim, attn.scaling, config.rms_norm_eps, sizes,
-                         config.hidden_act, attention, KERNEL_WRITES_CACHE, linear)  # fmt: skip
+                         config.hidden_act, attention, KERNEL_WRITES_CACHE, MERGE_IN_KERNEL, linear)  # fmt: skip
         w = (layer.input_layernorm.weight, qkv_w, qkv_b, slots, unslots, rows, attn.o_proj.weight, attn.o_proj.bias,
              layer.post_attention_layernorm.weight, gu_w, gu_b, mlp.down_proj.weight, mlp.down_proj.bias,
              self.counts)  # fmt: skip

@@ -15,7 +15,7 @@ depends on shapes alone, so a CUDA graph can replay the step at any position.
 Two more kernels a layer can go, not yet measured on a GPU (kvshare.decode's KERNEL_WRITES_CACHE and
 MERGE_IN_KERNEL switch them on): given the position's new key and value, the program whose chunk holds the
 position writes them into the cache (the key rotated) before reading it, its threads waiting on a barrier;
-given zeroed counts, the last program of each (sequence, KV head) to finish, by an atomic count, merges the
+given merge and zeroed counts, the last program of each (sequence, KV head) to finish, by an atomic count, merges the
 chunks itself (each of its heads' chunks BLOCK_S at a time, as the merge kernel does, where that takes fewer
 steps than all its heads a chunk at a time) and zeroes its count again.
 
@@ -205,6 +205,7 @@ def attention(
     key: torch.Tensor | None = None,
     value: torch.Tensor | None = None,
     counts: torch.Tensor | None = None,
+    merge: bool = False,
 ) -> torch.Tensor:
     """Each query head's attention over its KV head's cache up to ``pos`` (inclusive). query [batch, n_heads,
     head_dim], each head's values contiguous (a slice of a fused q/k/v product will do); keys and values [batch,
@@ -212,9 +213,10 @@ def attention(
     query heads that read each KV head, padded with -1; cos and sin [batch, 1, head_dim], each row contiguous
     (transformers' rotary embedding of the position): given, the query is rotated by them first; key and value
     [batch, n_kv, head_dim], each head contiguous, alike in strides: the position's new entry, which the kernel
-    writes into the cache at pos (the key rotated by cos and sin) before attending to it; counts int32 [at least
-    batch × n_kv], zeros (and left zero): given, the partial kernel's last program of each (sequence, KV head)
-    merges the chunks, with no second kernel. Returns [batch, n_heads, head_dim] in the query's dtype and head
+    writes into the cache at pos (the key rotated by cos and sin) before attending to it; merge: the partial
+    kernel's last program of each (sequence, KV head) merges the chunks, with no second kernel, counting them in
+    counts, int32 [at least batch × n_kv], zeros (and left zero). A compiled caller passes counts even without
+    merge: torch 2.11's Dynamo fails on None for a mutated argument (H100, 2026-12-06). Returns [batch, n_heads, head_dim] in the query's dtype and head
     order."""
     batch, n_heads, d = query.shape
     n_kv, max_len = keys.shape[1], keys.shape[2]
@@ -242,10 +244,10 @@ def attention(
             f"strides with each head contiguous, and cos and sin to rotate the key: got key "
             f"{None if key is None else tuple(key.shape)} and value {None if value is None else tuple(value.shape)}"
         )
-    if counts is not None and not (counts.dtype == torch.int32 and counts.numel() >= batch * n_kv):
+    if merge and (counts is None or not (counts.dtype == torch.int32 and counts.numel() >= batch * n_kv)):
         raise ValueError(
-            f"decode attention's counts are int32 zeros, at least batch × n_kv = {batch * n_kv} of them, got "
-            f"{counts.numel()} of {counts.dtype}"
+            f"decode attention merges its chunks counting in int32 zeros, at least batch × n_kv = {batch * n_kv} "
+            f"of them, got {None if counts is None else (counts.numel(), counts.dtype)}: pass counts or merge=False"
         )
     splits, chunk = _splits(batch, n_kv, max_len, _programs(query.device))
     out = query.new_empty(batch, n_heads, d)
@@ -254,8 +256,8 @@ def attention(
     lse = out if direct else torch.empty(batch, n_heads, splits, dtype=torch.float32, device=query.device)
     cos, sin = (cos, sin) if rope else (query, query)  # not read
     key, value = (key, value) if store else (query, query)
-    merge = counts is not None and not direct
-    counts = query if counts is None else counts  # not read without MERGE
+    merge = merge and not direct
+    counts = counts if merge else query  # not read without MERGE
     _partial_kernel[(batch, n_kv, splits)](query, keys, values, pos, rows, cos, sin, key, value, o, lse, counts, out,
                                            scaling * math.log2(math.e), n_heads, n_kv, splits, chunk,
                                            query.stride(0), query.stride(1), keys.stride(0), keys.stride(1),
@@ -272,5 +274,5 @@ def attention(
 
 
 @attention.register_fake
-def _(query, keys, values, pos, rows, scaling, cos=None, sin=None, key=None, value=None, counts=None):
+def _(query, keys, values, pos, rows, scaling, cos=None, sin=None, key=None, value=None, counts=None, merge=False):
     return query.new_empty(query.shape)
