@@ -668,7 +668,7 @@ def main() -> None:
     if args.report or args.merge:
         save(data, out)
         return
-    kvshare.decode.KERNEL_WRITES_CACHE = args.kernel_writes_cache
+    kvshare.decode.KERNEL_WRITES_CACHE |= args.kernel_writes_cache
     kvshare.decode.MERGE_IN_KERNEL = args.merge_in_kernel
     torch._dynamo.config.recompile_limit = 64  # one graph per model and batch; all share one forward
     torch._dynamo.config.automatic_dynamic_shapes = False  # each batch its own static graph, not a symbolic one

@@ -229,7 +229,7 @@ def main() -> None:
     if args.best:
         return print(best_options(json.loads((Path(args.out) / "decode_kernels.json").read_text())))
     torch._dynamo.config.recompile_limit = 64
-    kvshare.decode.KERNEL_WRITES_CACHE = args.kernel_writes_cache
+    kvshare.decode.KERNEL_WRITES_CACHE |= args.kernel_writes_cache
     kvshare.decode.MERGE_IN_KERNEL = args.merge_in_kernel
     device, parts = torch.device("cuda"), args.parts.split(",")
     result = {"machine": machine.environment(device), "gemv": [], "attention": [], "splits": [], "check": []}

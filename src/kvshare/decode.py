@@ -82,7 +82,7 @@ def floor_seconds(weight_bytes: int, kv_per_token: int, batch: int, context: int
 # Whether GraphDecoder's triton attention also writes each step's new K/V entry into the cache (one kernel where
 # inductor's took two more per layer: the key's rotation and write, and the value's write). Off until measured on
 # a GPU against the separate writes (decode_floor_bench --kernel-writes-cache); tested on the CPU either way.
-KERNEL_WRITES_CACHE = False
+KERNEL_WRITES_CACHE = True
 # Whether its last program of each (sequence, KV head) merges the context's chunks (no merge kernel, 32 launches a
 # step fewer; the merge itself then runs on fewer programs). Off until measured (decode_floor_bench --merge-in-kernel).
 MERGE_IN_KERNEL = False
