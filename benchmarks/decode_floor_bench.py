@@ -57,7 +57,6 @@ sys.path.insert(0, str(Path(__file__).parent))
 import decode_bench as db  # noqa: E402
 import machine  # noqa: E402
 
-import kvshare.decode  # noqa: E402
 from kvshare.decode import (  # noqa: E402
     GraphDecoder,
     compile_for_decode,
@@ -388,10 +387,7 @@ def path_of(variant: str, phase: str, args) -> str:
         return "generate/hf"
     if args.decoder == "graph":
         unit = "" if args.compile_unit == "layer" else "/step-compiled"
-        kernel = args.decode_attention == "triton"  # the switches of kvshare.decode_attention's kernel
-        writes = "/kernel-writes" if kernel and args.kernel_writes_cache else ""
-        merges = "/kernel-merges" if kernel and args.merge_in_kernel else ""
-        return f"graph/{args.decode_attention}/{args.gemv}{unit}{writes}{merges}"
+        return f"graph/{args.decode_attention}/{args.gemv}{unit}"
     return f"generate/{args.decode_attention}"
 
 
@@ -648,10 +644,6 @@ def main() -> None:
     ap.add_argument("--gemv", choices=["cublas", "triton", "triton-fused"], default="triton",
                     help="the graph path's matrix products (kvshare.gemv's Triton kernel up to 16 rows: "
                     "kvshare.decode.GraphDecoder's gemv)")  # fmt: skip
-    ap.add_argument("--kernel-writes-cache", action="store_true",
-                    help="the graph path's triton attention writes each step's K/V (kvshare.decode.KERNEL_WRITES_CACHE)")  # fmt: skip
-    ap.add_argument("--merge-in-kernel", action="store_true",
-                    help="the graph path's triton attention merges its chunks itself (kvshare.decode.MERGE_IN_KERNEL)")  # fmt: skip
     ap.add_argument("--profile", action="store_true",
                     help="the graph path's cells also record each kernel's time per step (torch.profiler)")  # fmt: skip
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -668,8 +660,6 @@ def main() -> None:
     if args.report or args.merge:
         save(data, out)
         return
-    kvshare.decode.KERNEL_WRITES_CACHE |= args.kernel_writes_cache
-    kvshare.decode.MERGE_IN_KERNEL = args.merge_in_kernel
     torch._dynamo.config.recompile_limit = 64  # one graph per model and batch; all share one forward
     torch._dynamo.config.automatic_dynamic_shapes = False  # each batch its own static graph, not a symbolic one
     device = torch.device(args.device)

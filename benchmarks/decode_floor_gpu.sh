@@ -8,15 +8,13 @@
 # decode:V1,V2,... (7B, batch 1 and 32, the variants alternating; at most two GQA-sized 7B variants at once on
 # an 80 GB card, three with MQA) | step:V,... (the same, the step compiled as one graph) |
 # cublas:V,... | triton:V,... | fused:V,... (batch 1 and 32, the products by cuBLAS, kvshare.gemv, or kvshare.gemv
-# with the norms and activation inside) | writes:V,... (batch 1 and 32, the triton attention writing the new K/V) |
-# merges:V,... (the same, the attention also merging its chunks itself) |
+# with the norms and activation inside) |
 # max:V (7B at its largest batch) | prefill:MODE (gqa and qcqa-ac, MODE buckets or gather) |
-# small:SHAPE (decode of a small shape, every variant) | check:V,... (graph decoder against eager generate) |
-# checkkernel:V,... (the same, the triton attention writing the new K/V and merging its chunks)
+# small:SHAPE (decode of a small shape, every variant) | check:V,... (graph decoder against eager generate)
 set -uo pipefail
 for step in "${@:2}"; do
-  case $step in kernels|kernels:*|decode:*|cublas:*|triton:*|fused:*|writes:*|merges:*|step:*|max:*|prefill:*|small:*|check:*|checkkernel:*) ;;
-    *) echo "unknown step '$step': use kernels[:PARTS], decode:, cublas:, triton:, fused:, writes:, merges:, step:, max:, prefill:, small:, check: or checkkernel:" >&2; exit 2 ;;
+  case $step in kernels|kernels:*|decode:*|cublas:*|triton:*|fused:*|step:*|max:*|prefill:*|small:*|check:*) ;;
+    *) echo "unknown step '$step': use kernels[:PARTS], decode:, cublas:, triton:, fused:, step:, max:, prefill:, small: or check:" >&2; exit 2 ;;
   esac
 done
 deadline=$(( $(date +%s) + $1 )); shift
@@ -38,14 +36,11 @@ for step in "$@"; do
     decode:*) timeout $left $bench --shape llama2-7b --variants "$arg" --batches 1,32 $(opts) --out "$dir" ;;
     cublas:*|triton:*) timeout $left $bench --shape llama2-7b --variants "$arg" --batches 1,32 $(opts | sed "s/--gemv [a-z-]*/--gemv ${step%%:*}/") --out "$dir" ;;
     fused:*) timeout $left $bench --shape llama2-7b --variants "$arg" --batches 1,32 $(opts | sed "s/--gemv [a-z-]*/--gemv triton-fused/") --out "$dir" ;;
-    writes:*) timeout $left $bench --shape llama2-7b --variants "$arg" --batches 1,32 $(opts) --kernel-writes-cache --out "$dir" ;;
-    merges:*) timeout $left $bench --shape llama2-7b --variants "$arg" --batches 1,32 $(opts) --kernel-writes-cache --merge-in-kernel --out "$dir" ;;
     step:*) timeout $left $bench --shape llama2-7b --variants "$arg" --batches 1,32 $(opts) --compile-unit step --out "$dir" ;;
     max:*) timeout $left $bench --shape llama2-7b --phase max --variants "$arg" $(opts) --out "$dir" ;;
     prefill:*) timeout $left $bench --shape llama2-7b --phase prefill --variants gqa,qcqa-ac --prefill-attention "$arg" --reps 5 --out "$dir" ;;
     small:*) timeout $left $bench --shape "$arg" --variants gqa,qcqa-ac,qcqa-ec,cla2,mqa,hf-static --batches 1,32 $(opts) --out "$dir" ;;
     check:*) timeout $left python benchmarks/decode_kernels_bench.py --out "$dir" --parts check --variants "$arg" $(opts | sed 's/--decode-attention/--attention/') ;;
-    checkkernel:*) timeout $left python benchmarks/decode_kernels_bench.py --out "$dir" --parts check --variants "$arg" --kernel-writes-cache --merge-in-kernel $(opts | sed 's/--decode-attention/--attention/') ;;
   esac 2>&1 | grep -v -i warn | grep -E "^(llama2|smollm2|mha|gemv|attention|splits|check)|Error|error|OOM" | cut -c1-300
   echo "=== $step rc=${PIPESTATUS[0]} $(date +%T)"
 done

@@ -39,7 +39,6 @@ sys.path.insert(0, str(Path(__file__).parent))
 import decode_floor_bench as dfb  # noqa: E402
 import machine  # noqa: E402
 
-import kvshare.decode  # noqa: E402
 from kvshare.decode import GraphDecoder, _decode_attention, static_cache  # noqa: E402
 from kvshare.io import atomic_write_json  # noqa: E402
 
@@ -220,17 +219,11 @@ def main() -> None:
     ap.add_argument("--attention", default="flex")
     ap.add_argument("--gemv", default="triton")
     ap.add_argument("--check-new", type=int, default=32)
-    ap.add_argument(
-        "--kernel-writes-cache", action="store_true", help="kvshare.decode.KERNEL_WRITES_CACHE in the check"
-    )
-    ap.add_argument("--merge-in-kernel", action="store_true", help="kvshare.decode.MERGE_IN_KERNEL in the check")
     ap.add_argument("--best", action="store_true", help="print decode_floor_bench's options for the fastest parts")
     args = ap.parse_args()
     if args.best:
         return print(best_options(json.loads((Path(args.out) / "decode_kernels.json").read_text())))
     torch._dynamo.config.recompile_limit = 64
-    kvshare.decode.KERNEL_WRITES_CACHE |= args.kernel_writes_cache
-    kvshare.decode.MERGE_IN_KERNEL = args.merge_in_kernel
     device, parts = torch.device("cuda"), args.parts.split(",")
     result = {"machine": machine.environment(device), "gemv": [], "attention": [], "splits": [], "check": []}
     out = Path(args.out) / "decode_kernels.json"

@@ -299,22 +299,3 @@ def test_bench_targets_give_cla_its_floor_counting_reads():
     assert line.startswith("- MISSED: s cla2 [graph] B=32 at 0.56 of its floor") and line.endswith(
         "floor 15.2 ms and 0.95 of it"
     )
-
-
-def test_bench_paths_name_the_attention_kernels_switches():
-    """decode_floor_bench keys a graph cell by the attention kernel's switches, so cells of one run with and
-    without them are kept apart; other attentions ignore the switches and keep their path."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    import argparse
-
-    import decode_floor_bench as bench
-
-    def path(attention, writes, merges):
-        args = argparse.Namespace(decoder="graph", compile_unit="layer", decode_attention=attention, gemv="triton",
-                                  kernel_writes_cache=writes, merge_in_kernel=merges)  # fmt: skip
-        return bench.path_of("gqa", "decode", args)
-
-    assert path("triton", False, False) == "graph/triton/triton"
-    assert path("triton", True, False) == "graph/triton/triton/kernel-writes"
-    assert path("triton", True, True) == "graph/triton/triton/kernel-writes/kernel-merges"
-    assert path("flex", True, True) == "graph/flex/triton"

@@ -46,7 +46,7 @@ def _reference(query, keys, values, pos, groups, scaling):
     return out
 
 
-def _check(groups, batch=1, max_len=128, pos=70, d=16, merge_in_kernel=False):
+def _check(groups, batch=1, max_len=128, pos=70, d=16):
     from kvshare.decode_attention import attention
 
     torch.manual_seed(0)
@@ -54,13 +54,9 @@ def _check(groups, batch=1, max_len=128, pos=70, d=16, merge_in_kernel=False):
     query = torch.randn(batch, n_heads, d)
     keys, values = torch.randn(2, batch, len(groups), max_len, d).unbind(0)
     keys[:, :, pos + 1 :], values[:, :, pos + 1 :] = float("nan"), float("inf")  # unwritten cache: never read
-    counts = torch.zeros(batch * len(groups) + 3, dtype=torch.int32) if merge_in_kernel else None
-    for _ in range(2 if merge_in_kernel else 1):  # the counts are left zero for the next call
-        out = attention(query, keys, values, torch.tensor([pos]), _rows(groups), d**-0.5, counts=counts,
-                        merge=merge_in_kernel)  # fmt: skip
-        assert out.shape == query.shape and not out.isnan().any()
-        assert (out - _reference(query, keys, values, pos, groups, d**-0.5)).abs().max() <= 1e-4
-        assert counts is None or not counts.any()
+    out = attention(query, keys, values, torch.tensor([pos]), _rows(groups), d**-0.5)
+    assert out.shape == query.shape and not out.isnan().any()
+    assert (out - _reference(query, keys, values, pos, groups, d**-0.5)).abs().max() <= 1e-4
 
 
 @pytest.mark.parametrize(
@@ -73,9 +69,8 @@ def _check(groups, batch=1, max_len=128, pos=70, d=16, merge_in_kernel=False):
         (MQA, 2, 130, 129, 16),
     ],
 )
-@pytest.mark.parametrize("merge_in_kernel", [False, True])
-def test_equals_reference(groups, batch, max_len, pos, d, merge_in_kernel):
-    _check(groups, batch, max_len, pos, d, merge_in_kernel)
+def test_equals_reference(groups, batch, max_len, pos, d):
+    _check(groups, batch, max_len, pos, d)
 
 
 def test_long_chunks_and_merge_steps(monkeypatch):
@@ -85,7 +80,7 @@ def test_long_chunks_and_merge_steps(monkeypatch):
     monkeypatch.setattr(da, "BLOCK_N", 16)
     monkeypatch.setattr(da, "BLOCK_S", 4)
     assert da._splits(1, 3, 200, da._programs(torch.device("cpu"))) == (13, 16)
-    _check(UNEQUAL, max_len=200, pos=150, merge_in_kernel=True)
+    _check(UNEQUAL, max_len=200, pos=150)
     monkeypatch.setattr(da, "SMS", 6)
     assert da._splits(1, 3, 200, da._programs(torch.device("cpu"))) == (5, 48)
     _check(UNEQUAL, max_len=200, pos=150)
@@ -100,7 +95,7 @@ def test_one_chunk_writes_the_output_itself(monkeypatch):
     monkeypatch.setattr(da, "SMS", 1)
     assert da._splits(2, 4, 128, da._programs(torch.device("cpu")))[0] == 1
     _check(GQA, batch=2, max_len=128, pos=90)
-    _check(UNEQUAL, batch=2, max_len=200, pos=0, merge_in_kernel=True)
+    _check(UNEQUAL, batch=2, max_len=200, pos=0)
 
 
 def test_splits_fill_the_gpu_from_shapes():
@@ -188,14 +183,12 @@ def test_head_dim_power_of_two():
         attention(x, x.view(1, 1, 2, 24), x.view(1, 1, 2, 24), torch.tensor([0]), _rows([[0, 1]]), 1.0)
 
 
-@pytest.mark.parametrize(("kernel_writes", "merge_in_kernel"), [(False, False), (True, False), (True, True)])
 @pytest.mark.parametrize("method", ["gqa", "qcqa-ac", "qcqa-ec", "cla2", "mqa", "qcqa-ac+cla2"])
 @torch.no_grad()
-def test_graph_decoder_with_the_kernel_equals_reference(method, kernel_writes, merge_in_kernel, monkeypatch):
+def test_graph_decoder_with_the_kernel_equals_reference(method, monkeypatch):
     """GraphDecoder(attention="triton") passes each layer's query heads, cache and groups to the kernel as it
-    expects, the new K/V entries written before it or by it, its chunks merged by a second kernel or by itself: the
-    reference path's tokens and last-step logits (eager layers, the kernel interpreted)."""
-    import kvshare.decode
+    expects, the new K/V entries written by it, its chunks merged: the reference path's tokens and last-step
+    logits (eager layers, the kernel interpreted)."""
     import kvshare.decode_attention as da
     from kvshare.decode import GraphDecoder
     from kvshare.merge import convert_model
@@ -206,8 +199,6 @@ def test_graph_decoder_with_the_kernel_equals_reference(method, kernel_writes, m
 
     base = tiny_llama(heads=8, kv_heads=4, layers=4)
     plan = plans(ModelShape.of(base.config))[method]
-    monkeypatch.setattr(kvshare.decode, "KERNEL_WRITES_CACHE", kernel_writes)
-    monkeypatch.setattr(kvshare.decode, "MERGE_IN_KERNEL", merge_in_kernel)
     monkeypatch.setattr(da, "BLOCK_N", 16)  # several chunks of this short cache, so they are merged
     x, new = tokens(batch=2, length=40), 4
     assert da._splits(2, 4, x.shape[1] + new - 1, da._programs(torch.device("cpu")))[0] == 3

@@ -79,15 +79,6 @@ def floor_seconds(weight_bytes: int, kv_per_token: int, batch: int, context: int
     return (weight_bytes + batch * context * kv_per_token) / bandwidth
 
 
-# Whether GraphDecoder's triton attention also writes each step's new K/V entry into the cache (one kernel where
-# inductor's took two more per layer: the key's rotation and write, and the value's write). Off until measured on
-# a GPU against the separate writes (decode_floor_bench --kernel-writes-cache); tested on the CPU either way.
-KERNEL_WRITES_CACHE = True
-# Whether its last program of each (sequence, KV head) merges the context's chunks (no merge kernel, 32 launches a
-# step fewer; the merge itself then runs on fewer programs). Off until measured (decode_floor_bench --merge-in-kernel).
-MERGE_IN_KERNEL = False
-
-
 class LayerSpec(NamedTuple):
     """What a decode layer's kernels depend on besides its tensors: layers alike in these share one compile."""
 
@@ -100,8 +91,6 @@ class LayerSpec(NamedTuple):
     qkv_sizes: tuple[int, ...]
     act: str  # the MLP's activation, a transformers ACT2FN name
     attention: str
-    kernel_writes: bool  # attention "triton" writes the new K/V entry itself (KERNEL_WRITES_CACHE)
-    kernel_merges: bool  # and merges the context's chunks itself (MERGE_IN_KERNEL)
     linear: Callable  # linear_reference, kvshare.gemv.linear_product or kvshare.gemv.linear
 
 
@@ -193,21 +182,20 @@ def _decode_layer(x, pos, cos, sin, keys, values, w: tuple, spec: LayerSpec):
     """One decoder layer for one token per sequence, x [batch, 1, hidden]; writes the layer's K/V at ``pos``.
     ``w``: input norm, fused q/k/v weight and bias, query slot and unslot indices (unequal groups; else None),
     each KV head's query heads (``rows``, for attention "triton"), o weight and bias, post-attention norm, fused
-    gate/up weight and bias, down weight and bias, the triton attention's merge counts (else None)."""
-    ln1, qkv_w, qkv_b, slots, unslots, rows, o_w, o_b, ln2, gu_w, gu_b, down_w, down_b, counts = w
+    gate/up weight and bias, down weight and bias."""
+    ln1, qkv_w, qkv_b, slots, unslots, rows, o_w, o_b, ln2, gu_w, gu_b, down_w, down_b = w
     batch, d = x.shape[0], spec.head_dim
     parts = spec.linear(x, qkv_w, qkv_b, ln1, spec.eps).split(spec.qkv_sizes, -1)
-    kernel_writes = spec.attention == "triton" and spec.kernel_writes
-    if spec.stores and not kernel_writes:
+    triton = spec.attention == "triton"  # writes the new K/V itself, rotates the query, gathers its rows
+    if spec.stores and not triton:
         key, value = (p.view(batch, 1, -1, d).transpose(1, 2) for p in parts[1:])
         keys.index_copy_(2, pos, _rope(key, cos, sin))
         values.index_copy_(2, pos, value)
-    if spec.attention == "triton":  # rotates the query and gathers each KV head's query heads itself
+    if triton:
         from kvshare.decode_attention import attention
 
-        new = [p.view(batch, -1, d) for p in parts[1:]] if kernel_writes else []  # none in a CLA reader
-        out = attention(parts[0].view(batch, -1, d), keys, values, pos, rows, spec.scaling, cos, sin, *new,
-                        counts=counts, merge=spec.kernel_merges)  # fmt: skip
+        new = [p.view(batch, -1, d) for p in parts[1:]]  # none in a CLA reader
+        out = attention(parts[0].view(batch, -1, d), keys, values, pos, rows, spec.scaling, cos, sin, *new)
     else:
         query = _rope(parts[0].view(batch, 1, -1, d).transpose(1, 2), cos, sin)
         if slots is not None:
@@ -280,9 +268,6 @@ class GraphDecoder:
             from kvshare.gemv import linear_product as linear
         elif gemv == "triton-fused" and self.device.type == "cuda":
             from kvshare.gemv import linear
-        kv_most = max(layer.self_attn.n_kv for layer in model.model.layers)
-        triton = attention == "triton"  # counts passed even unread: see kvshare.decode_attention.attention
-        self.counts = torch.zeros(batch_size * kv_most, dtype=torch.int32, device=self.device) if triton else None
         self.layers = [self._layer_inputs(layer, attention, linear) for layer in model.model.layers]
         self.linear = linear
         long = dict(dtype=torch.long, device=self.device)
@@ -315,10 +300,9 @@ class GraphDecoder:
         rows = torch.tensor(rows, dtype=torch.int32, device=self.device)
         sizes = (config.num_attention_heads * attn.head_dim,) + (attn.n_kv * attn.head_dim,) * (2 if stores else 0)
         spec = LayerSpec(stores, attn.n_kv, attn._gmax, attn.head_dim, attn.scaling, config.rms_norm_eps, sizes,
-                         config.hidden_act, attention, KERNEL_WRITES_CACHE, MERGE_IN_KERNEL, linear)  # fmt: skip
+                         config.hidden_act, attention, linear)  # fmt: skip
         w = (layer.input_layernorm.weight, qkv_w, qkv_b, slots, unslots, rows, attn.o_proj.weight, attn.o_proj.bias,
-             layer.post_attention_layernorm.weight, gu_w, gu_b, mlp.down_proj.weight, mlp.down_proj.bias,
-             self.counts)  # fmt: skip
+             layer.post_attention_layernorm.weight, gu_w, gu_b, mlp.down_proj.weight, mlp.down_proj.bias)  # fmt: skip
         return attn.kv_layer, w, spec
 
     @property

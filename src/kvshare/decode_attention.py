@@ -12,12 +12,11 @@ batches) the first kernel writes the output itself: the merge read and wrote eve
 (5.1 of a 59.5 ms step, MQA at batch 1959 on an H100). The position is read on the device and the grid
 depends on shapes alone, so a CUDA graph can replay the step at any position.
 
-Two more kernels a layer can go, not yet measured on a GPU (kvshare.decode's KERNEL_WRITES_CACHE and
-MERGE_IN_KERNEL switch them on): given the position's new key and value, the program whose chunk holds the
-position writes them into the cache (the key rotated) before reading it, its threads waiting on a barrier;
-given merge and zeroed counts, the last program of each (sequence, KV head) to finish, by an atomic count, merges the
-chunks itself (each of its heads' chunks BLOCK_S at a time, as the merge kernel does, where that takes fewer
-steps than all its heads a chunk at a time) and zeroes its count again.
+Given the position's new key and value, the program whose chunk holds the position writes them into the cache
+(the key rotated) before reading it, its threads waiting on a barrier: two kernels a layer fewer than
+inductor's rotation and writes (on an H100, 1-3% off a 7B step at batch 1 and 32). Merging the chunks in the
+attention kernel's last program instead, by an atomic count, measured slower there (MQA at batch 1: 5.03
+against 4.67 ms), so the merge keeps its own kernel.
 
 :func:`attention` is a torch custom op, so torch.compile leaves it as one opaque call inside a compiled decode
 layer. Importing this module needs ``triton`` (shipped with CUDA builds of torch).
@@ -50,10 +49,9 @@ def _rotated(row, rd, cos, sin, mask, HEAD_DIM: tl.constexpr):
 
 @triton.jit
 def _partial_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, rows_ptr, cos_ptr, sin_ptr, nk_ptr, nv_ptr, o_ptr, lse_ptr,
-                    cnt_ptr, out_ptr, qk_scale, n_heads, n_kv, splits, chunk, stride_qb, stride_qh, stride_kb,
-                    stride_kh, stride_cb, stride_nb, stride_nh, GM: tl.constexpr, HEAD_DIM: tl.constexpr,
-                    ROPE: tl.constexpr, STORE: tl.constexpr, DIRECT: tl.constexpr, MERGE: tl.constexpr,
-                    MERGE_BY_HEAD: tl.constexpr, SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_M: tl.constexpr,
+                    qk_scale, n_heads, splits, chunk, stride_qb, stride_qh, stride_kb, stride_kh, stride_cb,
+                    stride_nb, stride_nh, GM: tl.constexpr, HEAD_DIM: tl.constexpr, ROPE: tl.constexpr,
+                    STORE: tl.constexpr, DIRECT: tl.constexpr, BLOCK_M: tl.constexpr,
                     BLOCK_N: tl.constexpr):  # fmt: skip
     b = tl.program_id(0).to(tl.int64)  # a large cache's offsets pass 2**31
     kv = tl.program_id(1)
@@ -104,77 +102,26 @@ def _partial_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, rows_ptr, cos_ptr, sin_ptr, nk
         tl.store(lse_ptr + row, m_i + tl.log2(l_safe), mask=live)
     out = (acc / l_safe[:, None]).to(o_ptr.dtype.element_ty)
     tl.store(o_ptr + row[:, None] * HEAD_DIM + rd[None, :], out, mask=live[:, None])
-    if MERGE:  # the last of a (sequence, KV head)'s programs to finish merges its chunks: no second kernel
-        _merge_if_last(o_ptr, lse_ptr, out_ptr, cnt_ptr, rows_ptr, b, kv, head, live, n_heads, n_kv, splits, GM,
-                       HEAD_DIM, MERGE_BY_HEAD, SPLITS, BLOCK_S, BLOCK_M)  # fmt: skip
-
-
-@triton.jit
-def _merge_if_last(o_ptr, lse_ptr, out_ptr, cnt_ptr, rows_ptr, b, kv, head, live, n_heads, n_kv, splits,
-                   GM: tl.constexpr, HEAD_DIM: tl.constexpr, MERGE_BY_HEAD: tl.constexpr, SPLITS: tl.constexpr,
-                   BLOCK_S: tl.constexpr, BLOCK_M: tl.constexpr):  # fmt: skip
-    """Counts this program's chunk of KV head ``kv`` done and, if it is the last, merges the chunks of its query
-    heads (``head``, ``live``) into their outputs and zeroes the count for the next call."""
-    rd = tl.arange(0, HEAD_DIM)
-    tl.debug_barrier()  # every thread's partial stored before the count says so
-    count = cnt_ptr + b * n_kv + kv
-    if tl.atomic_add(count, 1, sem="acq_rel") == splits - 1:
-        tl.debug_barrier()
-        if MERGE_BY_HEAD:  # few heads, many chunks: each head's chunks BLOCK_S at a time
-            for r in tl.static_range(GM):
-                one = tl.load(rows_ptr + kv * GM + r)
-                if one >= 0:
-                    _merge_head(o_ptr, lse_ptr, out_ptr, b * n_heads + one, splits, HEAD_DIM, SPLITS, BLOCK_S,
-                                ".cg")  # fmt: skip
-        else:  # many heads, few chunks: all heads a chunk at a time
-            base = (b * n_heads + head) * splits
-            m = tl.full((BLOCK_M,), float("-inf"), tl.float32)
-            den = tl.zeros((BLOCK_M,), tl.float32)
-            acc = tl.zeros((BLOCK_M, HEAD_DIM), tl.float32)
-            for s in range(0, splits):  # chunk 0 is never empty, so m is finite from the first step
-                lse = tl.load(lse_ptr + base + s, mask=live, other=0.0, cache_modifier=".cg")
-                part = tl.load(o_ptr + (base + s)[:, None] * HEAD_DIM + rd[None, :], mask=live[:, None],
-                               other=0.0, cache_modifier=".cg")  # fmt: skip
-                m_new = tl.maximum(m, lse)
-                alpha, weight = tl.exp2(m - m_new), tl.exp2(lse - m_new)
-                acc = acc * alpha[:, None] + weight[:, None] * part
-                den = den * alpha + weight
-                m = m_new
-            merged = (acc / den[:, None]).to(out_ptr.dtype.element_ty)
-            tl.store(out_ptr + (b * n_heads + head)[:, None] * HEAD_DIM + rd[None, :], merged,
-                     mask=live[:, None])  # fmt: skip
-        tl.store(count, 0)  # zero again for the next call
-
-
-@triton.jit
-def _merge_head(o_ptr, lse_ptr, out_ptr, bh, splits, HEAD_DIM: tl.constexpr, SPLITS: tl.constexpr,
-                BLOCK_S: tl.constexpr, CACHE: tl.constexpr):  # fmt: skip
-    """One query head's output (``bh``: its sequence × n_heads + head) from its chunks' partial outputs and
-    log-sum-exps, BLOCK_S chunks a step."""
-    rd = tl.arange(0, HEAD_DIM)
-    rs = tl.arange(0, BLOCK_S)
-    all_s = tl.arange(0, SPLITS)
-    lse_all = tl.load(lse_ptr + bh * splits + all_s, mask=all_s < splits, other=float("-inf"), cache_modifier=CACHE)
-    m = tl.max(lse_all, 0)
-    acc = tl.zeros((BLOCK_S, HEAD_DIM), tl.float32)
-    den = tl.zeros((BLOCK_S,), tl.float32)
-    for s in range(0, splits, BLOCK_S):  # in steps: all chunks' outputs at once would spill registers
-        rows = bh * splits + s + rs
-        mask = s + rs < splits
-        w = tl.exp2(tl.load(lse_ptr + rows, mask=mask, other=float("-inf"), cache_modifier=CACHE) - m)
-        part = tl.load(o_ptr + rows[:, None] * HEAD_DIM + rd[None, :], mask=mask[:, None], other=0.0,
-                       cache_modifier=CACHE)  # fmt: skip
-        acc += w[:, None] * part
-        den += w
-    out = tl.sum(acc, 0) / tl.sum(den, 0)
-    tl.store(out_ptr + bh * HEAD_DIM + rd, out.to(out_ptr.dtype.element_ty))
 
 
 @triton.jit
 def _combine_kernel(o_ptr, lse_ptr, out_ptr, n_heads, splits, HEAD_DIM: tl.constexpr, SPLITS: tl.constexpr,
                     BLOCK_S: tl.constexpr):  # fmt: skip
     bh = tl.program_id(0).to(tl.int64) * n_heads + tl.program_id(1)
-    _merge_head(o_ptr, lse_ptr, out_ptr, bh, splits, HEAD_DIM, SPLITS, BLOCK_S, "")
+    rd = tl.arange(0, HEAD_DIM)
+    rs = tl.arange(0, BLOCK_S)
+    all_s = tl.arange(0, SPLITS)
+    m = tl.max(tl.load(lse_ptr + bh * splits + all_s, mask=all_s < splits, other=float("-inf")), 0)
+    acc = tl.zeros((BLOCK_S, HEAD_DIM), tl.float32)
+    den = tl.zeros((BLOCK_S,), tl.float32)
+    for s in range(0, splits, BLOCK_S):  # in steps: all chunks' outputs at once would spill registers
+        rows = bh * splits + s + rs
+        mask = s + rs < splits
+        w = tl.exp2(tl.load(lse_ptr + rows, mask=mask, other=float("-inf")) - m)
+        acc += w[:, None] * tl.load(o_ptr + rows[:, None] * HEAD_DIM + rd[None, :], mask=mask[:, None], other=0.0)
+        den += w
+    out = tl.sum(acc, 0) / tl.sum(den, 0)
+    tl.store(out_ptr + bh * HEAD_DIM + rd, out.to(out_ptr.dtype.element_ty))
 
 
 def _programs(device) -> int:
@@ -192,7 +139,7 @@ def _splits(batch: int, n_kv: int, max_len: int, programs: int) -> tuple[int, in
     return triton.cdiv(blocks, per_chunk), per_chunk * BLOCK_N
 
 
-@torch.library.custom_op("kvshare::decode_attention", mutates_args=("keys", "values", "counts"))
+@torch.library.custom_op("kvshare::decode_attention", mutates_args=("keys", "values"))
 def attention(
     query: torch.Tensor,
     keys: torch.Tensor,
@@ -204,8 +151,6 @@ def attention(
     sin: torch.Tensor | None = None,
     key: torch.Tensor | None = None,
     value: torch.Tensor | None = None,
-    counts: torch.Tensor | None = None,
-    merge: bool = False,
 ) -> torch.Tensor:
     """Each query head's attention over its KV head's cache up to ``pos`` (inclusive). query [batch, n_heads,
     head_dim], each head's values contiguous (a slice of a fused q/k/v product will do); keys and values [batch,
@@ -213,11 +158,8 @@ def attention(
     query heads that read each KV head, padded with -1; cos and sin [batch, 1, head_dim], each row contiguous
     (transformers' rotary embedding of the position): given, the query is rotated by them first; key and value
     [batch, n_kv, head_dim], each head contiguous, alike in strides: the position's new entry, which the kernel
-    writes into the cache at pos (the key rotated by cos and sin) before attending to it; merge: the partial
-    kernel's last program of each (sequence, KV head) merges the chunks, with no second kernel, counting them in
-    counts, int32 [at least batch × n_kv], zeros (and left zero). A compiled caller passes counts even without
-    merge: torch 2.11's Dynamo fails on None for a mutated argument (H100, 2026-12-06). Returns [batch, n_heads, head_dim] in the query's dtype and head
-    order."""
+    writes into the cache at pos (the key rotated by cos and sin) before attending to it. Returns [batch,
+    n_heads, head_dim] in the query's dtype and head order."""
     batch, n_heads, d = query.shape
     n_kv, max_len = keys.shape[1], keys.shape[2]
     gm = rows.shape[1]
@@ -233,8 +175,7 @@ def attention(
     if rope and not (cos.shape == sin.shape == (batch, 1, d) and cos.stride() == sin.stride() and cos.stride(2) == 1):
         raise ValueError(
             f"decode attention's cos and sin are [batch, 1, head_dim] = ({batch}, 1, {d}), alike and each row "
-            f"contiguous, got {tuple(cos.shape)} and {tuple(sin.shape)}: pass transformers' rotary embedding of "
-            "the position"
+            f"contiguous, got {tuple(cos.shape)} and {tuple(sin.shape)}: pass transformers' rotary embedding of the position"
         )
     store = key is not None
     if store and not (rope and value is not None and key.shape == value.shape == (batch, n_kv, d)
@@ -244,11 +185,6 @@ def attention(
             f"strides with each head contiguous, and cos and sin to rotate the key: got key "
             f"{None if key is None else tuple(key.shape)} and value {None if value is None else tuple(value.shape)}"
         )
-    if merge and (counts is None or not (counts.dtype == torch.int32 and counts.numel() >= batch * n_kv)):
-        raise ValueError(
-            f"decode attention merges its chunks counting in int32 zeros, at least batch × n_kv = {batch * n_kv} "
-            f"of them, got {None if counts is None else (counts.numel(), counts.dtype)}: pass counts or merge=False"
-        )
     splits, chunk = _splits(batch, n_kv, max_len, _programs(query.device))
     out = query.new_empty(batch, n_heads, d)
     direct = splits == 1
@@ -256,23 +192,19 @@ def attention(
     lse = out if direct else torch.empty(batch, n_heads, splits, dtype=torch.float32, device=query.device)
     cos, sin = (cos, sin) if rope else (query, query)  # not read
     key, value = (key, value) if store else (query, query)
-    merge = merge and not direct
-    counts = counts if merge else query  # not read without MERGE
-    _partial_kernel[(batch, n_kv, splits)](query, keys, values, pos, rows, cos, sin, key, value, o, lse, counts, out,
-                                           scaling * math.log2(math.e), n_heads, n_kv, splits, chunk,
-                                           query.stride(0), query.stride(1), keys.stride(0), keys.stride(1),
-                                           cos.stride(0), key.stride(0), key.stride(1), GM=gm, HEAD_DIM=d, ROPE=rope,
-                                           STORE=store, DIRECT=direct, MERGE=merge,
-                                           MERGE_BY_HEAD=gm * triton.cdiv(splits, BLOCK_S) <= splits,
-                                           SPLITS=triton.next_power_of_2(splits), BLOCK_S=BLOCK_S,
+    _partial_kernel[(batch, n_kv, splits)](query, keys, values, pos, rows, cos, sin, key, value, o, lse,
+                                           scaling * math.log2(math.e), n_heads, splits, chunk, query.stride(0),
+                                           query.stride(1), keys.stride(0), keys.stride(1), cos.stride(0),
+                                           key.stride(0), key.stride(1), GM=gm, HEAD_DIM=d, ROPE=rope, STORE=store,
+                                           DIRECT=direct,
                                            BLOCK_M=max(16, triton.next_power_of_2(gm)), BLOCK_N=BLOCK_N,
                                            num_warps=WARPS, num_stages=STAGES)  # fmt: skip
-    if not (direct or merge):
+    if not direct:
         _combine_kernel[(batch, n_heads)](o, lse, out, n_heads, splits, HEAD_DIM=d,
                                           SPLITS=triton.next_power_of_2(splits), BLOCK_S=BLOCK_S)  # fmt: skip
     return out
 
 
 @attention.register_fake
-def _(query, keys, values, pos, rows, scaling, cos=None, sin=None, key=None, value=None, counts=None, merge=False):
+def _(query, keys, values, pos, rows, scaling, cos=None, sin=None, key=None, value=None):
     return query.new_empty(query.shape)
