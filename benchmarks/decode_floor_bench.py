@@ -641,7 +641,7 @@ def main() -> None:
         default="buckets",
         help="kvshare models' prefill of unequal groups (kvshare.modeling.SharedKVAttention)",
     )
-    ap.add_argument("--gemv", choices=["cublas", "triton", "triton-fused"], default="triton",
+    ap.add_argument("--gemv", choices=["cublas", "triton"], default="triton",
                     help="the graph path's matrix products (kvshare.gemv's Triton kernel up to 16 rows: "
                     "kvshare.decode.GraphDecoder's gemv)")  # fmt: skip
     ap.add_argument("--profile", action="store_true",

@@ -7,14 +7,13 @@
 # kernels:splits, the attention's split of the context; kernels:tune, its block, warps and stages) |
 # decode:V1,V2,... (7B, batch 1 and 32, the variants alternating; at most two GQA-sized 7B variants at once on
 # an 80 GB card, three with MQA) | step:V,... (the same, the step compiled as one graph) |
-# cublas:V,... | triton:V,... | fused:V,... (batch 1 and 32, the products by cuBLAS, kvshare.gemv, or kvshare.gemv
-# with the norms and activation inside) |
+# cublas:V,... | triton:V,... (batch 1 and 32, the products by cuBLAS or by kvshare.gemv) |
 # max:V (7B at its largest batch) | prefill:MODE (gqa and qcqa-ac, MODE buckets or gather) |
 # small:SHAPE (decode of a small shape, every variant) | check:V,... (graph decoder against eager generate)
 set -uo pipefail
 for step in "${@:2}"; do
-  case $step in kernels|kernels:*|decode:*|cublas:*|triton:*|fused:*|step:*|max:*|prefill:*|small:*|check:*) ;;
-    *) echo "unknown step '$step': use kernels[:PARTS], decode:, cublas:, triton:, fused:, step:, max:, prefill:, small: or check:" >&2; exit 2 ;;
+  case $step in kernels|kernels:*|decode:*|cublas:*|triton:*|step:*|max:*|prefill:*|small:*|check:*) ;;
+    *) echo "unknown step '$step': use kernels[:PARTS], decode:, cublas:, triton:, step:, max:, prefill:, small: or check:" >&2; exit 2 ;;
   esac
 done
 deadline=$(( $(date +%s) + $1 )); shift
@@ -35,7 +34,6 @@ for step in "$@"; do
     kernels:*) timeout $left python benchmarks/decode_kernels_bench.py --out "$out" --parts "$arg" ;;
     decode:*) timeout $left $bench --shape llama2-7b --variants "$arg" --batches 1,32 $(opts) --out "$dir" ;;
     cublas:*|triton:*) timeout $left $bench --shape llama2-7b --variants "$arg" --batches 1,32 $(opts | sed "s/--gemv [a-z-]*/--gemv ${step%%:*}/") --out "$dir" ;;
-    fused:*) timeout $left $bench --shape llama2-7b --variants "$arg" --batches 1,32 $(opts | sed "s/--gemv [a-z-]*/--gemv triton-fused/") --out "$dir" ;;
     step:*) timeout $left $bench --shape llama2-7b --variants "$arg" --batches 1,32 $(opts) --compile-unit step --out "$dir" ;;
     max:*) timeout $left $bench --shape llama2-7b --phase max --variants "$arg" $(opts) --out "$dir" ;;
     prefill:*) timeout $left $bench --shape llama2-7b --phase prefill --variants gqa,qcqa-ac --prefill-attention "$arg" --reps 5 --out "$dir" ;;

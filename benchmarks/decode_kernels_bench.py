@@ -6,10 +6,10 @@ step is made of, as one CUDA graph over all 32 layers, so launch gaps count as i
 
 * ``gemv``: every matrix product of a step (q/k/v and gate/up fused, as kvshare.decode.GraphDecoder does,
   plus o, down and the logits), with cuBLAS (``F.linear``) and with kvshare.gemv (its Triton kernel up to
-  gemv.MAX_ROWS rows, PyTorch beyond), at 1 and 32 rows; then with the norms, gated activation and residuals
-  around them: PyTorch's kernels around cuBLAS (``reference``) against Triton's with them fused in
-  (``fused``); the weight bytes over the time is the bandwidth reached; the Triton outputs' largest
-  differences from cuBLAS's and from the reference's, relative to the largest output, are recorded;
+  gemv.MAX_ROWS rows, PyTorch beyond), at 1 and 32 rows; the weight bytes over the time is the bandwidth
+  reached; the largest differences, relative to the largest output, of the Triton products from cuBLAS's and
+  of GraphDecoder's products with their norms, activation and residuals (kvshare.gemv.linear_product) from
+  kvshare.decode.linear_reference's are recorded;
 * ``attention``: one token's attention over a full static cache per layer (triton, flex, sdpa, matmul), at batch
   1 and 32; the K/V bytes over the time;
 * ``splits``: kvshare.decode_attention's kernel over 32 layers' caches (16 KV heads, as GQA-16, and 1, as MQA) at
@@ -74,7 +74,7 @@ def step_products(decoder, rows: int) -> list[tuple]:
 
     out = []
     for _, w, _ in decoder.layers:
-        ln1, qkv_w, qkv_b, _, _, _, o_w, o_b, ln2, gu_w, gu_b, down_w, down_b, _ = w
+        ln1, qkv_w, qkv_b, _, _, _, o_w, o_b, ln2, gu_w, gu_b, down_w, down_b = w
         x = rand(hidden, qkv_w)
         out += [(x, qkv_w, qkv_b, ln1, eps, None, None), (rand(o_w.shape[1], o_w), o_w, o_b, None, 0.0, None, x),
                 (x, gu_w, gu_b, ln2, eps, act, None), (rand(down_w.shape[1], down_w), down_w, down_b, None, 0.0, None, x)]  # fmt: skip
@@ -83,10 +83,9 @@ def step_products(decoder, rows: int) -> list[tuple]:
 
 
 def time_gemv(decoder, rows: int) -> dict:
-    """The step's products alone (cuBLAS, Triton) and with what surrounds them (PyTorch's kernels around cuBLAS,
-    as linear_reference runs them eagerly; Triton's with them fused in)."""
+    """The step's products by cuBLAS and by kvshare.gemv, and how far kvshare.gemv's outputs are from theirs."""
     from kvshare.decode import linear_reference
-    from kvshare.gemv import linear
+    from kvshare.gemv import linear, linear_product
 
     products = step_products(decoder, rows)
     nbytes = sum(p[1].numel() * p[1].element_size() for p in products)
@@ -101,11 +100,9 @@ def time_gemv(decoder, rows: int) -> dict:
         return max(diffs).item()
 
     rec["triton_max_rel_diff"] = worst(linear, F.linear, bare)
-    rec["fused_max_rel_diff"] = worst(linear, linear_reference, products)
-    runs = {"cublas": (F.linear, bare), "triton": (linear, bare), "reference": (linear_reference, products),
-            "fused": (linear, products)}  # fmt: skip
-    for name, (fn, calls) in runs.items():
-        ms = graph_ms(lambda fn=fn, calls=calls: [fn(*c) for c in calls])
+    rec["product_max_rel_diff"] = worst(linear_product, linear_reference, products)
+    for name, fn in (("cublas", F.linear), ("triton", linear)):
+        ms = graph_ms(lambda fn=fn: [fn(*c) for c in bare])
         rec[f"{name}_ms"], rec[f"{name}_GBps"] = ms, nbytes / ms / 1e6
     return rec
 

@@ -91,7 +91,7 @@ class LayerSpec(NamedTuple):
     qkv_sizes: tuple[int, ...]
     act: str  # the MLP's activation, a transformers ACT2FN name
     attention: str
-    linear: Callable  # linear_reference, kvshare.gemv.linear_product or kvshare.gemv.linear
+    linear: Callable  # linear_reference or kvshare.gemv.linear_product
 
 
 def _fuse(linears) -> tuple:
@@ -125,7 +125,7 @@ def rms_norm(x, weight, eps):
 def linear_reference(x, weight, bias=None, norm=None, eps: float = 0.0, act: str | None = None, residual=None):
     """A Linear layer's product with what surrounds it in a decoder layer: ``x`` RMS-normed by ``norm`` (weight,
     ``eps``) first; with ``act``, the weight's rows are [gate; up] and the output ``act(gate) * up``;
-    ``residual`` added last. As PyTorch's modules compute it; kvshare.gemv.linear fuses the same into one kernel."""
+    ``residual`` added last, as PyTorch's modules compute it."""
     import torch.nn.functional as F
 
     if norm is not None:
@@ -233,8 +233,7 @@ class GraphDecoder:
     weights. Off CUDA (tests) the steps run without a graph.
     ``gemv`` picks the decode step's matrix products on CUDA: "triton", the default (kvshare.gemv's kernel for up
     to 16 rows, torch's beyond, the residuals added inside it, the norms and activation by inductor's kernels
-    around it: a 7B step at batch 1 took 5.20 ms against 5.40 with "cublas" on an H100), "cublas" (torch's), or
-    "triton-fused" (the kernel with the norms and the gated activation inside too: slower, 5.67 against 5.45).
+    around it: a 7B step at batch 1 took 5.20 ms against 5.40 with "cublas" on an H100) or "cublas" (torch's).
     """
 
     def __init__(self, model, batch_size, max_cache_len, attention=None, steps_per_graph=8, backend="inductor",
@@ -257,8 +256,8 @@ class GraphDecoder:
                 f"attention='triton' runs on CUDA (or under TRITON_INTERPRET=1), but the model is on "
                 f"{model.device}: move it to a GPU, or pick attention='flex', 'sdpa' or 'matmul'"
             )
-        if gemv not in ("cublas", "triton", "triton-fused"):
-            raise ValueError(f"gemv={gemv!r} is not one of cublas, triton, triton-fused")
+        if gemv not in ("cublas", "triton"):
+            raise ValueError(f"gemv={gemv!r} is not one of cublas, triton")
         if compile_unit not in ("layer", "step"):
             raise ValueError(f"compile_unit={compile_unit!r} is not one of layer, step")
         self.model, self.steps_per_graph, self.device = model, steps_per_graph, model.device
@@ -266,8 +265,6 @@ class GraphDecoder:
         linear = linear_reference
         if gemv == "triton" and self.device.type == "cuda":
             from kvshare.gemv import linear_product as linear
-        elif gemv == "triton-fused" and self.device.type == "cuda":
-            from kvshare.gemv import linear
         self.layers = [self._layer_inputs(layer, attention, linear) for layer in model.model.layers]
         self.linear = linear
         long = dict(dtype=torch.long, device=self.device)

@@ -1,5 +1,5 @@
 """A Triton matrix product for decode steps: ``x @ weight.T + bias`` with few rows (a batch of single tokens),
-optionally with the small operations around a decoder layer's products fused in.
+optionally with a residual added.
 
 With a few rows a Linear layer's product is bound by reading its weight once, and cuBLAS's kernels for
 these shapes stop short of the GPU's bandwidth (kvshare's decode diagnostic measured 0.73 of it on an H200).
@@ -11,12 +11,10 @@ operations in PyTorch (:func:`kvshare.decode.linear_reference`).
 GraphDecoder uses it (:func:`linear_product`) for the product alone, with the residual added in the
 kernel's last step and the norm before and gated activation after it left to inductor's kernels: a 7B step at
 batch 1 took 5.20 ms against 5.40 ms with cuBLAS on an H100 (benchmarks/results/decode_floor/h100-product),
-mostly by sparing cuBLAS's split-K reductions and the residual's own kernel. :func:`linear` can also compute
-the norm before the product (``norm``) and the gated activation of its [gate; up] halves (``act``) inside
-it, each rounded to the input's dtype where PyTorch's modules round it (GraphDecoder's gemv="triton-fused"),
-but that costs more than it saves: a step took 5.67 ms against 5.45 with cuBLAS (h100-gemv). Our reading
-(not profiled): work on x is repeated by every program, on BLOCK_M rows however few are real, and the norm's
-(x times its scale, the sum of squares) stays in the loop.
+mostly by sparing cuBLAS's split-K reductions and the residual's own kernel. Computing the norm and the gated
+activation inside the kernel too cost more than it saved (a step took 5.67 ms against 5.45 with cuBLAS,
+h100-gemv; our reading, not profiled: every program repeats the work on x, on BLOCK_M rows however few are
+real), so that form was removed.
 
 :func:`linear` is a torch custom op, so torch.compile leaves it as one opaque call inside a compiled decode
 layer. Importing this module needs ``triton`` (shipped with CUDA builds of torch).
@@ -47,45 +45,26 @@ CONFIGS = [
 ]
 
 
-@triton.autotune(configs=CONFIGS, key=["M", "N", "K", "NORM", "GLU"])
+@triton.autotune(configs=CONFIGS, key=["M", "N", "K"])
 @triton.jit
-def _kernel(x_ptr, w_ptr, b_ptr, n_ptr, r_ptr, y_ptr, M, N, K: tl.constexpr, stride_xm, stride_wn, stride_rm,
-            stride_ym, eps, HAS_BIAS: tl.constexpr, NORM: tl.constexpr, GLU: tl.constexpr, RESIDUAL: tl.constexpr,
-            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
-    # Work on x is repeated by every program (and on BLOCK_M rows, padding included), so the loop does only
-    # what the product needs: the norm's scale multiplies x, its 1/rms is applied to the sums; with GLU the
-    # weight's rows are [gate; up] and a program sums its gate columns and the matching up columns.
+def _kernel(x_ptr, w_ptr, b_ptr, r_ptr, y_ptr, M, N, K: tl.constexpr, stride_xm, stride_wn, stride_rm, stride_ym,
+            HAS_BIAS: tl.constexpr, RESIDUAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+            BLOCK_K: tl.constexpr):  # fmt: skip
     rm = tl.arange(0, BLOCK_M)
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
     dtype = y_ptr.dtype.element_ty
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    squares = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     for i in range(tl.cdiv(K, BLOCK_K)):
         kk = i * BLOCK_K + rk
         x = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :], mask=(rm[:, None] < M) & (kk[None, :] < K),
                     other=0.0)  # fmt: skip
-        if NORM:
-            squares += x.to(tl.float32) * x.to(tl.float32)
-            x = x * tl.load(n_ptr + kk, mask=kk < K, other=0.0)[None, :]
-        w_mask = (rn[:, None] < N) & (kk[None, :] < K)
-        w = tl.load(w_ptr + rn[:, None] * stride_wn + kk[None, :], mask=w_mask, other=0.0)
+        w = tl.load(w_ptr + rn[:, None] * stride_wn + kk[None, :], mask=(rn[:, None] < N) & (kk[None, :] < K),
+                    other=0.0)  # fmt: skip
         acc += tl.dot(x.to(dtype), tl.trans(w))
-        if GLU:
-            w = tl.load(w_ptr + (N + rn[:, None]) * stride_wn + kk[None, :], mask=w_mask, other=0.0)
-            up += tl.dot(x.to(dtype), tl.trans(w))
-    if NORM:
-        rstd = tl.rsqrt(tl.sum(squares, axis=1) / K + eps)[:, None]
-        acc, up = acc * rstd, up * rstd
     if HAS_BIAS:
         acc += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
-        if GLU:
-            up += tl.load(b_ptr + N + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
-    y = acc.to(dtype)
-    if GLU:  # silu(gate) * up, each rounded as PyTorch's modules round them
-        gate = y.to(tl.float32)
-        y = (gate / (1.0 + tl.exp(-gate))).to(dtype) * up.to(dtype)
+    y = acc.to(dtype)  # rounded before the residual is added, as PyTorch's modules round it
     mask = (rm[:, None] < M) & (rn[None, :] < N)
     if RESIDUAL:
         y = y + tl.load(r_ptr + rm[:, None] * stride_rm + rn[None, :], mask=mask, other=0.0)
@@ -93,40 +72,38 @@ def _kernel(x_ptr, w_ptr, b_ptr, n_ptr, r_ptr, y_ptr, M, N, K: tl.constexpr, str
 
 
 @torch.library.custom_op("kvshare::gemv", mutates_args=())
-def _gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, norm: torch.Tensor | None, eps: float,
-          glu: bool, residual: torch.Tensor | None) -> torch.Tensor:  # fmt: skip
+def _gemv(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None
+) -> torch.Tensor:
     m, k = x.shape
-    n = weight.shape[0] // (2 if glu else 1)
+    n = weight.shape[0]
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    block_m = max(16, triton.next_power_of_2(m))
 
     def grid(meta):
         return (triton.cdiv(n, meta["BLOCK_N"]),)
 
     # Any pointer for the operands a flag leaves unread.
-    _kernel[grid](x, weight, weight if bias is None else bias, weight if norm is None else norm,
-                  y if residual is None else residual, y, m, n, k, x.stride(0), weight.stride(0),
-                  0 if residual is None else residual.stride(0), y.stride(0), eps, HAS_BIAS=bias is not None,
-                  NORM=norm is not None, GLU=glu, RESIDUAL=residual is not None, BLOCK_M=block_m)  # fmt: skip
+    _kernel[grid](x, weight, weight if bias is None else bias, y if residual is None else residual, y, m, n, k,
+                  x.stride(0), weight.stride(0), 0 if residual is None else residual.stride(0), y.stride(0),
+                  HAS_BIAS=bias is not None, RESIDUAL=residual is not None,
+                  BLOCK_M=max(16, triton.next_power_of_2(m)))  # fmt: skip
     return y
 
 
 @_gemv.register_fake
-def _(x, weight, bias, norm, eps, glu, residual):
-    return x.new_empty(x.shape[0], weight.shape[0] // (2 if glu else 1))
+def _(x, weight, bias, residual):
+    return x.new_empty(x.shape[0], weight.shape[0])
 
 
-def linear(x, weight, bias=None, norm=None, eps: float = 0.0, act: str | None = None, residual=None):
-    """:func:`kvshare.decode.linear_reference` (a Linear layer's product, with an RMSNorm before it, a gated
-    activation ``act`` of its [gate; up] halves, or a residual added), by the kernel above for up to MAX_ROWS
-    rows on CUDA (contiguous weight; the activation SiLU)."""
+def linear(x, weight, bias=None, residual=None):
+    """``x @ weight.T + bias`` (+ ``residual``) by the kernel above for up to MAX_ROWS rows on CUDA (contiguous
+    weight), else by PyTorch."""
     rows = x.numel() // x.shape[-1]
-    if rows > MAX_ROWS or not x.is_cuda or not weight.is_contiguous() or act not in (None, "silu"):
-        return linear_reference(x, weight, bias, norm, eps, act, residual)
-    shape = (*x.shape[:-1], weight.shape[0] // (1 if act is None else 2))
+    if rows > MAX_ROWS or not x.is_cuda or not weight.is_contiguous():
+        return linear_reference(x, weight, bias, residual=residual)
     flat = x.reshape(rows, x.shape[-1]).contiguous()
     res = None if residual is None else residual.reshape(rows, -1).contiguous()
-    return _gemv(flat, weight, bias, norm, eps, act is not None, res).view(shape)
+    return _gemv(flat, weight, bias, res).view(*x.shape[:-1], weight.shape[0])
 
 
 def linear_product(x, weight, bias=None, norm=None, eps: float = 0.0, act: str | None = None, residual=None):
