@@ -175,7 +175,8 @@ def attention(
     if rope and not (cos.shape == sin.shape == (batch, 1, d) and cos.stride() == sin.stride() and cos.stride(2) == 1):
         raise ValueError(
             f"decode attention's cos and sin are [batch, 1, head_dim] = ({batch}, 1, {d}), alike and each row "
-            f"contiguous, got {tuple(cos.shape)} and {tuple(sin.shape)}: pass transformers' rotary embedding of the position"
+            f"contiguous, got {tuple(cos.shape)} and {tuple(sin.shape)}: pass transformers' rotary embedding of "
+            "the position"
         )
     store = key is not None
     if store and not (rope and value is not None and key.shape == value.shape == (batch, n_kv, d)
@@ -196,8 +197,7 @@ def attention(
                                            scaling * math.log2(math.e), n_heads, splits, chunk, query.stride(0),
                                            query.stride(1), keys.stride(0), keys.stride(1), cos.stride(0),
                                            key.stride(0), key.stride(1), GM=gm, HEAD_DIM=d, ROPE=rope, STORE=store,
-                                           DIRECT=direct,
-                                           BLOCK_M=max(16, triton.next_power_of_2(gm)), BLOCK_N=BLOCK_N,
+                                           DIRECT=direct, BLOCK_M=max(16, triton.next_power_of_2(gm)), BLOCK_N=BLOCK_N,
                                            num_warps=WARPS, num_stages=STAGES)  # fmt: skip
     if not direct:
         _combine_kernel[(batch, n_heads)](o, lse, out, n_heads, splits, HEAD_DIM=d,
