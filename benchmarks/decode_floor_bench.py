@@ -414,31 +414,29 @@ def save(data: dict, out: Path) -> None:
     atomic_write_text(out / "decode_floor.md", report(data))
 
 
+def median_seconds(run, device, reps: int = 10) -> float:
+    """The median time of ``run()`` over ``reps`` calls, after one to warm up."""
+    times = []
+    for _ in range(reps + 1):
+        sync(device)
+        t0 = time.perf_counter()
+        run()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times[1:])
+
+
 def copy_rate(device, nbytes: int = 2**31) -> float:
     """Bytes read and written per second by a device-to-device copy (median of 10)."""
     a = torch.empty(nbytes, dtype=torch.uint8, device=device)
     b = torch.empty_like(a)
-    times = []
-    for _ in range(11):
-        sync(device)
-        t0 = time.perf_counter()
-        b.copy_(a)
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return 2 * nbytes / statistics.median(times[1:])
+    return 2 * nbytes / median_seconds(lambda: b.copy_(a), device)
 
 
 def matmul_rate(device, n: int = 8192) -> float:
     """Floating-point operations per second of a bf16 n × n × n matrix product (median of 10)."""
     a, b = torch.randn(2, n, n, device=device, dtype=torch.bfloat16).unbind(0)
-    times = []
-    for _ in range(11):
-        sync(device)
-        t0 = time.perf_counter()
-        a @ b
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return 2 * n**3 / statistics.median(times[1:])
+    return 2 * n**3 / median_seconds(lambda: a @ b, device)
 
 
 def run_piece(args, device, dtype, data, out) -> None:

@@ -18,11 +18,7 @@ def _kernel_linear(x, w, b=None, residual=None):
     rows, n = x.numel() // x.shape[-1], w.shape[0]
     flat = x.reshape(rows, -1)
     res = None if residual is None else residual.reshape(rows, -1)
-    y = torch.empty(rows, n)
-    gemv._kernel.fn[(triton.cdiv(n, 16),)](flat, w, w if b is None else b, y if res is None else res, y, rows, n,
-                                            flat.shape[1], flat.stride(0), w.stride(0),
-                                            0 if res is None else res.stride(0), y.stride(0), HAS_BIAS=b is not None,
-                                            RESIDUAL=res is not None, BLOCK_M=16, BLOCK_N=16, BLOCK_K=128)  # fmt: skip
+    y = gemv._launch(gemv._kernel.fn, flat, w, b, res, BLOCK_N=16, BLOCK_K=128)
     return y.view(*x.shape[:-1], n)
 
 

@@ -171,11 +171,27 @@ def _decode_attention(rows, keys, values, pos, spec: LayerSpec):
     return F.scaled_dot_product_attention(rows, keys, values, attn_mask=valid, scale=spec.scaling)
 
 
-def _rope(x, cos, sin):
-    """transformers' Llama rotary embedding of x [batch, heads, 1, head_dim] by cos and sin [batch, 1, head_dim]."""
-    from transformers.models.llama.modeling_llama import rotate_half
+def _torch_attention(query, new, pos, cos, sin, keys, values, slots, unslots, spec: LayerSpec):
+    """The step's attention by torch (``spec.attention`` flex, sdpa or matmul): the query [batch, heads × head_dim]
+    and, in a layer that stores its own K/V (``new``: key and value; empty in a CLA reader), the key rotated by
+    cos and sin, the new entry written at ``pos``, then each KV head's query rows (unequal groups padded) over the
+    cache. Returns [batch, heads, head_dim] in the query's head order."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-    return x * cos.unsqueeze(1) + rotate_half(x) * sin.unsqueeze(1)
+    batch, d = query.shape[0], spec.head_dim
+    query = query.view(batch, 1, -1, d).transpose(1, 2)
+    if new:
+        key, value = (p.view(batch, 1, -1, d).transpose(1, 2) for p in new)
+        query, key = apply_rotary_pos_emb(query, key, cos, sin)
+        keys.index_copy_(2, pos, key)
+        values.index_copy_(2, pos, value)
+    else:
+        query = apply_rotary_pos_emb(query, query, cos, sin)[0]
+    if slots is not None:
+        query = query.index_select(1, slots)
+    out = _decode_attention(query.reshape(batch, spec.n_kv, spec.gmax, d), keys, values, pos, spec)
+    out = out.reshape(batch, -1, d)
+    return out if unslots is None else out.index_select(1, unslots)
 
 
 def _decode_layer(x, pos, cos, sin, keys, values, w: tuple, spec: LayerSpec):
@@ -185,25 +201,14 @@ def _decode_layer(x, pos, cos, sin, keys, values, w: tuple, spec: LayerSpec):
     gate/up weight and bias, down weight and bias."""
     ln1, qkv_w, qkv_b, slots, unslots, rows, o_w, o_b, ln2, gu_w, gu_b, down_w, down_b = w
     batch, d = x.shape[0], spec.head_dim
-    parts = spec.linear(x, qkv_w, qkv_b, ln1, spec.eps).split(spec.qkv_sizes, -1)
-    triton = spec.attention == "triton"  # writes the new K/V itself, rotates the query, gathers its rows
-    if spec.stores and not triton:
-        key, value = (p.view(batch, 1, -1, d).transpose(1, 2) for p in parts[1:])
-        keys.index_copy_(2, pos, _rope(key, cos, sin))
-        values.index_copy_(2, pos, value)
-    if triton:
+    query, *new = spec.linear(x, qkv_w, qkv_b, ln1, spec.eps).split(spec.qkv_sizes, -1)
+    if spec.attention == "triton":  # rotates the query, writes the new K/V and gathers each KV head's rows itself
         from kvshare.decode_attention import attention
 
-        new = [p.view(batch, -1, d) for p in parts[1:]]  # none in a CLA reader
-        out = attention(parts[0].view(batch, -1, d), keys, values, pos, rows, spec.scaling, cos, sin, *new)
+        new = [p.view(batch, -1, d) for p in new]
+        out = attention(query.view(batch, -1, d), keys, values, pos, rows, spec.scaling, cos, sin, *new)
     else:
-        query = _rope(parts[0].view(batch, 1, -1, d).transpose(1, 2), cos, sin)
-        if slots is not None:
-            query = query.index_select(1, slots)
-        out = _decode_attention(query.reshape(batch, spec.n_kv, spec.gmax, d), keys, values, pos, spec)
-        out = out.reshape(batch, -1, d)
-        if unslots is not None:
-            out = out.index_select(1, unslots)
+        out = _torch_attention(query, new, pos, cos, sin, keys, values, slots, unslots, spec)
     x = spec.linear(out.reshape(batch, 1, -1), o_w, o_b, residual=x)
     hidden = spec.linear(x, gu_w, gu_b, ln2, spec.eps, act=spec.act)
     return spec.linear(hidden, down_w, down_b, residual=x)

@@ -71,10 +71,8 @@ def _kernel(x_ptr, w_ptr, b_ptr, r_ptr, y_ptr, M, N, K: tl.constexpr, stride_xm,
     tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], y, mask=mask)
 
 
-@torch.library.custom_op("kvshare::gemv", mutates_args=())
-def _gemv(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None
-) -> torch.Tensor:
+def _launch(kernel, x, weight, bias, residual, **config):
+    """``kernel`` (the autotuned one, or its plain ``.fn`` given the blocks in ``config``) over x's rows."""
     m, k = x.shape
     n = weight.shape[0]
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
@@ -83,11 +81,18 @@ def _gemv(
         return (triton.cdiv(n, meta["BLOCK_N"]),)
 
     # Any pointer for the operands a flag leaves unread.
-    _kernel[grid](x, weight, weight if bias is None else bias, y if residual is None else residual, y, m, n, k,
-                  x.stride(0), weight.stride(0), 0 if residual is None else residual.stride(0), y.stride(0),
-                  HAS_BIAS=bias is not None, RESIDUAL=residual is not None,
-                  BLOCK_M=max(16, triton.next_power_of_2(m)))  # fmt: skip
+    kernel[grid](x, weight, weight if bias is None else bias, y if residual is None else residual, y, m, n, k,
+                 x.stride(0), weight.stride(0), 0 if residual is None else residual.stride(0), y.stride(0),
+                 HAS_BIAS=bias is not None, RESIDUAL=residual is not None, BLOCK_M=max(16, triton.next_power_of_2(m)),
+                 **config)  # fmt: skip
     return y
+
+
+@torch.library.custom_op("kvshare::gemv", mutates_args=())
+def _gemv(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None
+) -> torch.Tensor:
+    return _launch(_kernel, x, weight, bias, residual)
 
 
 @_gemv.register_fake
