@@ -232,6 +232,8 @@ def test_graph_decoder_names_what_does_not_fit(base):
         decoder.decode(2)
     with pytest.raises(ValueError, match="attention='flash' is not one of"):
         GraphDecoder(model, 2, 9, attention="flash")
+    with pytest.raises(ValueError, match=r"^gemv='triton-fused' is not one of cublas, triton$"):
+        GraphDecoder(model, 2, 9, gemv="triton-fused")
     if os.environ.get("TRITON_INTERPRET") != "1":
         with pytest.raises(ValueError, match="attention='triton' runs on CUDA .* on cpu"):
             GraphDecoder(model, 2, 9, attention="triton")
