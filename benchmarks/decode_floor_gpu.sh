@@ -9,11 +9,12 @@
 # an 80 GB card, three with MQA) | step:V,... (the same, the step compiled as one graph) |
 # cublas:V,... | triton:V,... (batch 1 and 32, the products by cuBLAS or by kvshare.gemv) |
 # max:V (7B at its largest batch) | prefill:MODE (gqa and qcqa-ac, MODE buckets or gather) |
-# small:SHAPE (decode of a small shape, every variant) | check:V,... (graph decoder against eager generate)
+# small:SHAPE (decode of a small shape, every variant) | smallmax:SHAPE (a small shape at its largest batch, every
+# variant) | check:V,... (graph decoder against eager generate)
 set -uo pipefail
 for step in "${@:2}"; do
-  case $step in kernels|kernels:*|decode:*|cublas:*|triton:*|step:*|max:*|prefill:*|small:*|check:*) ;;
-    *) echo "unknown step '$step': use kernels[:PARTS], decode:, cublas:, triton:, step:, max:, prefill:, small: or check:" >&2; exit 2 ;;
+  case $step in kernels|kernels:*|decode:*|cublas:*|triton:*|step:*|max:*|prefill:*|small:*|smallmax:*|check:*) ;;
+    *) echo "unknown step '$step': use kernels[:PARTS], decode:, cublas:, triton:, step:, max:, prefill:, small:, smallmax: or check:" >&2; exit 2 ;;
   esac
 done
 deadline=$(( $(date +%s) + $1 )); shift
@@ -38,6 +39,7 @@ for step in "$@"; do
     max:*) timeout $left $bench --shape llama2-7b --phase max --variants "$arg" $(opts) --out "$dir" ;;
     prefill:*) timeout $left $bench --shape llama2-7b --phase prefill --variants gqa,qcqa-ac --prefill-attention "$arg" --reps 5 --out "$dir" ;;
     small:*) timeout $left $bench --shape "$arg" --variants gqa,qcqa-ac,qcqa-ec,cla2,mqa,hf-static --batches 1,32 $(opts) --out "$dir" ;;
+    smallmax:*) timeout $left $bench --shape "$arg" --phase max --variants gqa,qcqa-ac,qcqa-ec,cla2,mqa $(opts) --out "$dir" ;;
     check:*) timeout $left python benchmarks/decode_kernels_bench.py --out "$dir" --parts check --variants "$arg" $(opts | sed 's/--decode-attention/--attention/') ;;
   esac 2>&1 | grep -v -i warn | grep -E "^(llama2|smollm2|mha|gemv|attention|splits|check)|Error|error|OOM" | cut -c1-300
   echo "=== $step rc=${PIPESTATUS[0]} $(date +%T)"
