@@ -15,7 +15,9 @@ step is made of, as one CUDA graph over all 32 layers, so launch gaps count as i
 * ``splits``: kvshare.decode_attention's kernel over 32 layers' caches (16 KV heads, as GQA-16, and 1, as MQA) at
   batch 1 and 32, aiming for 1 to 16 programs per multiprocessor (its default: 2), with and without the query's
   rotation inside: what picks its split of the context; ``tune``: its block of positions, warps and pipelining
-  stages, in the regimes furthest from their bytes' time;
+  stages, in the regimes furthest from their bytes' time; ``few``: MQA at batch 32 (32 sequences × 1 KV head) split
+  into 1 to 11 chunks (from 0.2 to 2 programs aimed for per multiprocessor), with each block, warps and stages:
+  whether longer chunks and no merge read its short cache faster;
 * ``check``: GraphDecoder.generate against the model's own eager generate() (static cache, greedy, bf16)
   for every variant: identical tokens out of how many, and the largest logit difference of one decode step.
 
@@ -145,7 +147,7 @@ def time_splits(device, batch: int, n_kv: int, tune: dict, layers: int = 32, max
     pos = torch.tensor([max_len - 1], device=device)
     per_sm = tune.get("programs_per_sm", 2)
     saved = {name: getattr(da, name) for name in ("_programs", "BLOCK_N", "WARPS", "STAGES")}
-    da._programs = lambda _device: per_sm * sms
+    da._programs = lambda _device: max(1, int(per_sm * sms))
     for name in ("BLOCK_N", "WARPS", "STAGES"):
         setattr(da, name, tune.get(name, saved[name]))
     try:
@@ -153,7 +155,7 @@ def time_splits(device, batch: int, n_kv: int, tune: dict, layers: int = 32, max
             "batch": batch,
             "n_kv": n_kv,
             "programs_per_sm": per_sm,
-            "splits": da._splits(batch, n_kv, max_len, per_sm * sms)[0],
+            "splits": da._splits(batch, n_kv, max_len, da._programs(device))[0],
         }
         rec |= {name: getattr(da, name) for name in ("BLOCK_N", "WARPS", "STAGES")}
         for rope in (False, True):
@@ -244,6 +246,15 @@ def main() -> None:
         except Exception as e:  # a configuration out of the GPU's resources: a miss, the others still measured
             rec = {"batch": batch, "n_kv": n_kv, "BLOCK_N": block_n, "WARPS": warps, "STAGES": stages,
                    "error": f"{type(e).__name__}: {e}"[:200]}  # fmt: skip
+        save("splits", rec)
+        dfb.free(device)
+    few = itertools.product((0.2, 0.4, 1, 2), (64, 128), (4, 8), (2, 3, 4)) if "few" in parts else ()
+    for per_sm, block_n, warps, stages in few:
+        tune = {"programs_per_sm": per_sm, "BLOCK_N": block_n, "WARPS": warps, "STAGES": stages}
+        try:
+            rec = time_splits(device, 32, 1, tune)
+        except Exception as e:  # out of the GPU's resources (shared memory): a miss
+            rec = {"batch": 32, "n_kv": 1, **tune, "error": f"{type(e).__name__}: {e}"[:200]}
         save("splits", rec)
         dfb.free(device)
     if not {"gemv", "attention", "check"} & set(parts):
