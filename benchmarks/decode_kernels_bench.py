@@ -9,7 +9,8 @@ step is made of, as one CUDA graph over all 32 layers, so launch gaps count as i
   gemv.MAX_ROWS rows, PyTorch beyond), at 1 and 32 rows; the weight bytes over the time is the bandwidth
   reached; the largest differences, relative to the largest output, of the Triton products from cuBLAS's and
   of GraphDecoder's products with their norms, activation and residuals (kvshare.gemv.linear_product) from
-  kvshare.decode.linear_reference's are recorded;
+  kvshare.decode.linear_reference's are recorded; and each kind of product alone, by cuBLAS and by kvshare.gemv's
+  kernel whatever the rows;
 * ``attention``: one token's attention over a full static cache per layer (triton, flex, sdpa, matmul), at batch
   1 and 32; the K/V bytes over the time;
 * ``splits``: kvshare.decode_attention's kernel over 32 layers' caches (16 KV heads, as GQA-16, and 1, as MQA) at
@@ -106,7 +107,24 @@ def time_gemv(decoder, rows: int) -> dict:
     for name, fn in (("cublas", F.linear), ("triton", linear)):
         ms = graph_ms(lambda fn=fn: [fn(*c) for c in bare])
         rec[f"{name}_ms"], rec[f"{name}_GBps"] = ms, nbytes / ms / 1e6
-    return rec
+    return rec | {"by_product": time_by_product(bare)}
+
+
+def time_by_product(bare: list[tuple]) -> list[dict]:
+    """Each kind of product (q/k/v, o, gate/up, down: every layer's; the logits) by cuBLAS and by kvshare.gemv's
+    kernel at any number of rows (gemv.linear leaves more than MAX_ROWS to cuBLAS): where each is faster."""
+    from kvshare.gemv import _kernel, _launch
+
+    kinds = {"qkv": bare[0:-1:4], "o": bare[1:-1:4], "gate_up": bare[2:-1:4], "down": bare[3:-1:4], "logits": bare[-1:]}
+    out = []
+    for kind, calls in kinds.items():
+        nbytes = sum(w.numel() * w.element_size() for _, w, _ in calls)
+        rec = {"product": kind, "shape": list(calls[0][1].shape), "calls": len(calls), "weight_bytes": nbytes}
+        for name, fn in (("cublas", F.linear), ("triton", lambda x, w, b: _launch(_kernel, x, w, b, None))):
+            ms = graph_ms(lambda fn=fn, calls=calls: [fn(*c) for c in calls])
+            rec[f"{name}_ms"], rec[f"{name}_GBps"] = ms, nbytes / ms / 1e6
+        out.append(rec)
+    return out
 
 
 def time_attention(decoder, kind: str) -> dict:
