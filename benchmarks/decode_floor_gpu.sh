@@ -4,7 +4,8 @@
 #   python benchmarks/decode_floor_bench.py --merge DIR/*/decode_floor.json --out benchmarks/results/decode_floor
 #   bash benchmarks/decode_floor_gpu.sh DEADLINE_S STEP...
 # STEP: kernels[:PARTS] (decode_kernels_bench: the parts of a step, which pick the options of the steps after it;
-# kernels:splits, the attention's split of the context; kernels:tune, its block, warps and stages) |
+# kernels:splits, the attention's split of the context; kernels:tune, its block, warps and stages; kernels:few,
+# MQA at batch 32 in 1 to 17 chunks) |
 # decode:V1,V2,... (7B, batch 1 and 32, the variants alternating; at most two GQA-sized 7B variants at once on
 # an 80 GB card, three with MQA) | step:V,... (the same, the step compiled as one graph) |
 # cublas:V,... | triton:V,... (batch 1 and 32, the products by cuBLAS or by kvshare.gemv) |

@@ -17,7 +17,7 @@ step is made of, as one CUDA graph over all 32 layers, so launch gaps count as i
   batch 1 and 32, aiming for 1 to 16 programs per multiprocessor (its default: 2), with and without the query's
   rotation inside: what picks its split of the context; ``tune``: its block of positions, warps and pipelining
   stages, in the regimes furthest from their bytes' time; ``few``: MQA at batch 32 (32 sequences × 1 KV head) split
-  into 1 to 11 chunks (from 0.2 to 2 programs aimed for per multiprocessor), with each block, warps and stages:
+  into 1 to 17 chunks (from 0.2 to 2 programs aimed for per multiprocessor), with each block, warps and stages:
   whether longer chunks and no merge read its short cache faster;
 * ``check``: GraphDecoder.generate against the model's own eager generate() (static cache, greedy, bf16)
   for every variant: identical tokens out of how many, and the largest logit difference of one decode step.
