@@ -8,7 +8,9 @@ and the new entry written as in a step) followed by its o product (cuBLAS):
 * ``serial``: attention then product, one stream;
 * ``prefetch``: the same, with a second stream reading the layer's o weight (``evict_last``) while the attention
   runs, the product waiting for both;
-* ``attention`` and ``product``: each alone; ``hot product``: the product right after the same weight was read.
+* ``attention`` and ``product``: each alone; ``hot product``: the product right after the same weight was read
+  (what the prefetch could at best make of it); ``touch``: the weight reads alone (the prefetch hides only what
+  they read within the attention's time).
 
     PYTHONPATH=src python benchmarks/decode_prefetch_probe.py [--out DIR]    # one GPU, under a minute
 """
