@@ -6,11 +6,11 @@ product after it reads a 32 MB weight, which fits the L2 (50 MB on an H100). Thi
 and the new entry written as in a step) followed by its o product (cuBLAS):
 
 * ``serial``: attention then product, one stream;
-* ``prefetch``: the same, with a second stream reading the layer's o weight (``evict_last``) while the attention
-  runs, the product waiting for both;
+* ``prefetch``, ``prefetch wide``: the same, with a second stream reading the layer's o weight (``evict_last``)
+  while the attention runs, the product waiting for both (two readers: ``READERS``);
 * ``attention`` and ``product``: each alone; ``hot product``: the product right after the same weight was read
-  (what the prefetch could at best make of it); ``touch``: the weight reads alone (the prefetch hides only what
-  they read within the attention's time).
+  (what the prefetch could at best make of it); ``touch``, ``touch wide``: the weight reads alone (the prefetch
+  hides only what they read within the attention's time).
 
     PYTHONPATH=src python benchmarks/decode_prefetch_probe.py [--out DIR]    # one GPU, under a minute
 """
@@ -46,12 +46,18 @@ def _touch(w_ptr, sink_ptr, n, ROUNDS: tl.constexpr, BLOCK: tl.constexpr):
     tl.store(sink_ptr + pid, tl.sum(acc, 0))
 
 
-def touch(weight: torch.Tensor, sink: torch.Tensor, block: int = 2048) -> None:
+def touch(weight: torch.Tensor, sink: torch.Tensor, block: int) -> None:
+    """Read ``weight`` by sink.numel() programs of ``block`` elements a step."""
     rounds = triton.cdiv(weight.numel(), sink.numel() * block)
     _touch[(sink.numel(),)](weight, sink, weight.numel(), ROUNDS=rounds, BLOCK=block)
 
 
-def probe(n_kv: int, batch: int = 32, layers: int = 32, programs: int = 132) -> dict:
+# Two readers of a 4096 x 4096 weight: one program a multiprocessor looping over its share (bec88ca's, 0.63 TB/s
+# on an H100), and one 16 KB block a program, all of them at once.
+READERS = {"": (132, 2048), " wide": (4096 * 4096 // 8192, 8192)}
+
+
+def probe(n_kv: int, batch: int = 32, layers: int = 32) -> dict:
     dev, dt, d, max_len = torch.device("cuda"), torch.bfloat16, 128, 2048 + 64 - 1
     caches = [torch.randn(2, batch, n_kv, max_len, d, device=dev, dtype=dt).unbind(0) for _ in range(layers)]
     w_o = [torch.randn(4096, 4096, device=dev, dtype=dt) for _ in range(layers)]
@@ -60,7 +66,6 @@ def probe(n_kv: int, batch: int = 32, layers: int = 32, programs: int = 132) -> 
     cos, sin = torch.randn(2, batch, 1, d, device=dev, dtype=dt).unbind(0)
     rows = torch.arange(32, dtype=torch.int32, device=dev).view(n_kv, -1)
     pos = torch.tensor([max_len - 1], device=dev)
-    sink = torch.empty(programs, device=dev)
     side = torch.cuda.Stream()
 
     def attend(k, v):
@@ -70,24 +75,26 @@ def probe(n_kv: int, batch: int = 32, layers: int = 32, programs: int = 132) -> 
         for (k, v), w in zip(caches, w_o, strict=True):
             F.linear(attend(k, v), w)
 
-    def prefetch():
+    def prefetch(sink, block):
         for (k, v), w in zip(caches, w_o, strict=True):
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
-                touch(w, sink)
+                touch(w, sink, block)
             out = attend(k, v)
             torch.cuda.current_stream().wait_stream(side)
             F.linear(out, w)
 
     x = torch.randn(batch, 4096, device=dev, dtype=dt)
-    times = {
-        "serial": graph_ms(serial),
-        "prefetch": graph_ms(prefetch),
+    times = {"serial": graph_ms(serial)}
+    for name, (programs, block) in READERS.items():
+        sink = torch.empty(programs, device=dev)
+        times[f"prefetch{name}"] = graph_ms(lambda sink=sink, block=block: prefetch(sink, block))
+        times[f"touch{name}"] = graph_ms(lambda sink=sink, block=block: [touch(w, sink, block) for w in w_o])
+    times |= {
         "attention": graph_ms(lambda: [attend(k, v) for k, v in caches]),
         "product": graph_ms(lambda: [F.linear(x, w) for w in w_o]),
         "hot product": graph_ms(lambda: [(F.linear(x, w), F.linear(x, w)) for w in w_o])
         - graph_ms(lambda: [F.linear(x, w) for w in w_o]),
-        "touch": graph_ms(lambda: [touch(w, sink) for w in w_o]),
     }
     return {"n_kv": n_kv, "batch": batch, "layers": layers, "ms": times}
 
