@@ -12,23 +12,23 @@ last call of each is warm:
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import torch
 
-from kvshare.decode_attention import attention
+sys.path.insert(0, str(Path(__file__).parent))
+from decode_kernels_bench import attention_inputs  # noqa: E402
+
+from kvshare.decode_attention import attention  # noqa: E402
 
 REGIMES = {"mqa-b32": (32, 1), "gqa-b1": (1, 16), "gqa-b32": (32, 16)}  # batch, KV heads (32 query heads)
 
 
-def run(batch: int, n_kv: int, calls: int = 3, max_len: int = 2048 + 64 - 1, dim: int = 128) -> None:
-    dev, dt = torch.device("cuda"), torch.bfloat16
-    keys, values = torch.randn(2, batch, n_kv, max_len, dim, device=dev, dtype=dt).unbind(0)
-    query = torch.randn(batch, 32, dim, device=dev, dtype=dt)
-    key, value = torch.randn(2, batch, n_kv, dim, device=dev, dtype=dt).unbind(0)
-    cos, sin = torch.randn(2, batch, 1, dim, device=dev, dtype=dt).unbind(0)
-    rows = torch.arange(32, dtype=torch.int32, device=dev).view(n_kv, -1)
-    pos = torch.tensor([max_len - 1], device=dev)
+def run(batch: int, n_kv: int, calls: int = 3) -> None:
+    [(keys, values)], query, key, value, cos, sin, rows, pos = attention_inputs(torch.device("cuda"), batch, n_kv)
     for _ in range(calls):
-        attention(query, keys, values, pos, rows, dim**-0.5, cos, sin, key, value)
+        attention(query, keys, values, pos, rows, query.shape[-1] ** -0.5, cos, sin, key, value)
     torch.cuda.synchronize()
 
 

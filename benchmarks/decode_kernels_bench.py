@@ -151,6 +151,19 @@ def time_attention(decoder, kind: str) -> dict:
     return {"attention": kind, "batch": batch, "kv_bytes": nbytes, "ms": ms, "GBps": nbytes / ms / 1e6}
 
 
+def attention_inputs(device, batch: int, n_kv: int, layers: int = 1, max_len: int = 2048 + 64 - 1, d: int = 128):
+    """What a 7B decode step hands kvshare.decode_attention (32 query heads in equal groups on n_kv KV heads, bf16,
+    random): each layer's (keys, values) cache, the query, the new key and value, cos and sin, rows, and the
+    position, the cache's last."""
+    dt = torch.bfloat16
+    caches = [torch.randn(2, batch, n_kv, max_len, d, device=device, dtype=dt).unbind(0) for _ in range(layers)]
+    query = torch.randn(batch, 32, d, device=device, dtype=dt)
+    key, value = torch.randn(2, batch, n_kv, d, device=device, dtype=dt).unbind(0)
+    cos, sin = torch.randn(2, batch, 1, d, device=device, dtype=dt).unbind(0)
+    rows = torch.arange(32, dtype=torch.int32, device=device).view(n_kv, -1)
+    return caches, query, key, value, cos, sin, rows, torch.tensor([max_len - 1], device=device)
+
+
 def time_splits(device, batch: int, n_kv: int, tune: dict, layers: int = 32, max_len: int = 2048 + 64 - 1) -> dict:
     """kvshare.decode_attention over ``layers`` caches of n_kv KV heads (32 query heads in equal groups), reading
     up to the last position, with ``tune``'s values of its module constants (``programs_per_sm``: the programs
@@ -158,11 +171,7 @@ def time_splits(device, batch: int, n_kv: int, tune: dict, layers: int = 32, max
     import kvshare.decode_attention as da
 
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    caches = [torch.randn(batch, n_kv, max_len, 128, device=device, dtype=torch.bfloat16) for _ in range(2 * layers)]
-    rows = torch.arange(32, dtype=torch.int32, device=device).view(n_kv, -1)
-    query = torch.randn(batch, 32, 128, device=device, dtype=torch.bfloat16)
-    cos, sin = torch.randn(2, batch, 1, 128, device=device, dtype=torch.bfloat16).unbind(0)
-    pos = torch.tensor([max_len - 1], device=device)
+    caches, query, _, _, cos, sin, rows, pos = attention_inputs(device, batch, n_kv, layers, max_len)
     per_sm = tune.get("programs_per_sm", 2)
     saved = {name: getattr(da, name) for name in ("_programs", "BLOCK_N", "WARPS", "STAGES")}
     da._programs = lambda _device: max(1, int(per_sm * sms))
@@ -178,14 +187,27 @@ def time_splits(device, batch: int, n_kv: int, tune: dict, layers: int = 32, max
         rec |= {name: getattr(da, name) for name in ("BLOCK_N", "WARPS", "STAGES")}
         for rope in (False, True):
             extra = (cos, sin) if rope else ()
-            ms = graph_ms(lambda extra=extra: [da.attention(query, k, v, pos, rows, 0.088, *extra)
-                                               for k, v in zip(caches[::2], caches[1::2], strict=True)])  # fmt: skip
+            ms = graph_ms(lambda extra=extra: [da.attention(query, k, v, pos, rows, 0.088, *extra) for k, v in caches])
             rec["rope_ms" if rope else "ms"] = ms
     finally:
         for name, value in saved.items():
             setattr(da, name, value)
-    nbytes = 2 * layers * caches[0].numel() * caches[0].element_size()
+    nbytes = 2 * layers * caches[0][0].numel() * caches[0][0].element_size()
     return rec | {"kv_bytes": nbytes, "GBps": nbytes / rec["ms"] / 1e6}
+
+
+def attention_configs(parts: list[str]) -> list[tuple[int, int, dict]]:
+    """(batch, KV heads, time_splits' tune) of the splits, tune and few parts asked for."""
+    configs = []
+    if "splits" in parts:
+        configs += [(b, n, {"programs_per_sm": p}) for b, n, p in itertools.product((1, 32), (16, 1), (1, 2, 4, 8, 16))]
+    if "tune" in parts:  # the regimes furthest from their bytes' time (H100, 2026-12-06)
+        tunes = itertools.product([(1, 16), (32, 1), (1, 1)], (32, 64, 128), (4, 8), (2, 3))
+        configs += [(b, n, {"BLOCK_N": bn, "WARPS": w, "STAGES": st}) for (b, n), bn, w, st in tunes]
+    if "few" in parts:
+        few = itertools.product((0.2, 0.4, 1, 2), (64, 128), (4, 8), (2, 3, 4))
+        configs += [(32, 1, {"programs_per_sm": p, "BLOCK_N": bn, "WARPS": w, "STAGES": st}) for p, bn, w, st in few]
+    return configs
 
 
 @torch.no_grad()
@@ -253,26 +275,11 @@ def main() -> None:
         atomic_write_json(out, result)
         print(what, rec, flush=True)
 
-    for batch, n_kv, per_sm in itertools.product((1, 32), (16, 1), (1, 2, 4, 8, 16)) if "splits" in parts else ():
-        save("splits", time_splits(device, batch, n_kv, {"programs_per_sm": per_sm}))
-        dfb.free(device)
-    # The regimes furthest from their bytes' time (H100, 2026-12-06): batch 1 with 16 KV heads, batch 32 with 1.
-    tunes = itertools.product((32, 64, 128), (4, 8), (2, 3)) if "tune" in parts else ()
-    for (batch, n_kv), (block_n, warps, stages) in itertools.product([(1, 16), (32, 1), (1, 1)], tunes):
+    for batch, n_kv, tune in attention_configs(parts):
         try:
-            rec = time_splits(device, batch, n_kv, {"BLOCK_N": block_n, "WARPS": warps, "STAGES": stages})
+            rec = time_splits(device, batch, n_kv, tune)
         except Exception as e:  # a configuration out of the GPU's resources: a miss, the others still measured
-            rec = {"batch": batch, "n_kv": n_kv, "BLOCK_N": block_n, "WARPS": warps, "STAGES": stages,
-                   "error": f"{type(e).__name__}: {e}"[:200]}  # fmt: skip
-        save("splits", rec)
-        dfb.free(device)
-    few = itertools.product((0.2, 0.4, 1, 2), (64, 128), (4, 8), (2, 3, 4)) if "few" in parts else ()
-    for per_sm, block_n, warps, stages in few:
-        tune = {"programs_per_sm": per_sm, "BLOCK_N": block_n, "WARPS": warps, "STAGES": stages}
-        try:
-            rec = time_splits(device, 32, 1, tune)
-        except Exception as e:  # out of the GPU's resources (shared memory): a miss
-            rec = {"batch": 32, "n_kv": 1, **tune, "error": f"{type(e).__name__}: {e}"[:200]}
+            rec = {"batch": batch, "n_kv": n_kv, **tune, "error": f"{type(e).__name__}: {e}"[:200]}
         save("splits", rec)
         dfb.free(device)
     if not {"gemv", "attention", "check"} & set(parts):

@@ -29,18 +29,18 @@ import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).parent))
 import machine  # noqa: E402
-from decode_kernels_bench import graph_ms  # noqa: E402
+from decode_kernels_bench import attention_inputs, graph_ms  # noqa: E402
 
 from kvshare.decode_attention import attention  # noqa: E402
 from kvshare.io import atomic_write_json  # noqa: E402
 
 
 @triton.jit
-def _touch(w_ptr, sink_ptr, n, ROUNDS: tl.constexpr, BLOCK: tl.constexpr):
+def _touch(w_ptr, sink_ptr, n, rounds, BLOCK: tl.constexpr):
     """Read this program's share of n elements, asking the L2 to keep them; a sum to sink keeps the loads."""
     pid = tl.program_id(0)
     acc = tl.zeros((BLOCK,), tl.float32)
-    for i in range(ROUNDS):
+    for i in range(rounds):
         offs = (i * tl.num_programs(0) + pid) * BLOCK + tl.arange(0, BLOCK)
         acc += tl.load(w_ptr + offs, mask=offs < n, other=0.0, eviction_policy="evict_last").to(tl.float32)
     tl.store(sink_ptr + pid, tl.sum(acc, 0))
@@ -49,7 +49,7 @@ def _touch(w_ptr, sink_ptr, n, ROUNDS: tl.constexpr, BLOCK: tl.constexpr):
 def touch(weight: torch.Tensor, sink: torch.Tensor, block: int) -> None:
     """Read ``weight`` by sink.numel() programs of ``block`` elements a step."""
     rounds = triton.cdiv(weight.numel(), sink.numel() * block)
-    _touch[(sink.numel(),)](weight, sink, weight.numel(), ROUNDS=rounds, BLOCK=block)
+    _touch[(sink.numel(),)](weight, sink, weight.numel(), rounds, BLOCK=block)
 
 
 # Two readers of a 4096 x 4096 weight: one program a multiprocessor looping over its share (bec88ca's, 0.63 TB/s
@@ -58,18 +58,13 @@ READERS = {"": (132, 2048), " wide": (4096 * 4096 // 8192, 8192)}
 
 
 def probe(n_kv: int, batch: int = 32, layers: int = 32) -> dict:
-    dev, dt, d, max_len = torch.device("cuda"), torch.bfloat16, 128, 2048 + 64 - 1
-    caches = [torch.randn(2, batch, n_kv, max_len, d, device=dev, dtype=dt).unbind(0) for _ in range(layers)]
+    dev, dt = torch.device("cuda"), torch.bfloat16
+    caches, query, key, value, cos, sin, rows, pos = attention_inputs(dev, batch, n_kv, layers)
     w_o = [torch.randn(4096, 4096, device=dev, dtype=dt) for _ in range(layers)]
-    query = torch.randn(batch, 32, d, device=dev, dtype=dt)
-    key, value = torch.randn(2, batch, n_kv, d, device=dev, dtype=dt).unbind(0)
-    cos, sin = torch.randn(2, batch, 1, d, device=dev, dtype=dt).unbind(0)
-    rows = torch.arange(32, dtype=torch.int32, device=dev).view(n_kv, -1)
-    pos = torch.tensor([max_len - 1], device=dev)
     side = torch.cuda.Stream()
 
     def attend(k, v):
-        return attention(query, k, v, pos, rows, d**-0.5, cos, sin, key, value).view(batch, -1)
+        return attention(query, k, v, pos, rows, query.shape[-1] ** -0.5, cos, sin, key, value).view(batch, -1)
 
     def serial():
         for (k, v), w in zip(caches, w_o, strict=True):
@@ -90,12 +85,9 @@ def probe(n_kv: int, batch: int = 32, layers: int = 32) -> dict:
         sink = torch.empty(programs, device=dev)
         times[f"prefetch{name}"] = graph_ms(lambda sink=sink, block=block: prefetch(sink, block))
         times[f"touch{name}"] = graph_ms(lambda sink=sink, block=block: [touch(w, sink, block) for w in w_o])
-    times |= {
-        "attention": graph_ms(lambda: [attend(k, v) for k, v in caches]),
-        "product": graph_ms(lambda: [F.linear(x, w) for w in w_o]),
-        "hot product": graph_ms(lambda: [(F.linear(x, w), F.linear(x, w)) for w in w_o])
-        - graph_ms(lambda: [F.linear(x, w) for w in w_o]),
-    }
+    times["attention"] = graph_ms(lambda: [attend(k, v) for k, v in caches])
+    times["product"] = graph_ms(lambda: [F.linear(x, w) for w in w_o])
+    times["hot product"] = graph_ms(lambda: [(F.linear(x, w), F.linear(x, w)) for w in w_o]) - times["product"]
     return {"n_kv": n_kv, "batch": batch, "layers": layers, "ms": times}
 
 
