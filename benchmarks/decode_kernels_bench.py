@@ -196,6 +196,9 @@ def time_splits(device, batch: int, n_kv: int, tune: dict, layers: int = 32, max
     return rec | {"kv_bytes": nbytes, "GBps": nbytes / rec["ms"] / 1e6}
 
 
+PARTS = ("gemv", "attention", "splits", "tune", "few", "check")
+
+
 def attention_configs(parts: list[str]) -> list[tuple[int, int, dict]]:
     """(batch, KV heads, time_splits' tune) of the splits, tune and few parts asked for."""
     configs = []
@@ -253,7 +256,7 @@ def best_options(result: dict) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True)
-    ap.add_argument("--parts", default="gemv,attention,check")
+    ap.add_argument("--parts", default="gemv,attention,check", help=f"comma-separated, of {','.join(PARTS)}")
     ap.add_argument("--variants", default="gqa,qcqa-ac,qcqa-ec,cla2,mqa", help="of the check")
     ap.add_argument("--attention", default="flex")
     ap.add_argument("--gemv", default="triton")
@@ -264,6 +267,8 @@ def main() -> None:
         return print(best_options(json.loads((Path(args.out) / "decode_kernels.json").read_text())))
     torch._dynamo.config.recompile_limit = 64
     device, parts = torch.device("cuda"), args.parts.split(",")
+    if unknown := [p for p in parts if p not in PARTS]:
+        ap.error(f"unknown part {unknown[0]!r} in --parts {args.parts!r}: use {','.join(PARTS)}")
     result = {"machine": machine.environment(device), "gemv": [], "attention": [], "splits": [], "check": []}
     out = Path(args.out) / "decode_kernels.json"
     build = argparse.Namespace(
