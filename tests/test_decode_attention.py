@@ -1,14 +1,9 @@
 """kvshare.decode_attention's split-KV kernels equal a plain softmax attention per query head, over the cache up to
-pos, for equal, unequal and single KV-head groups (run by Triton's CPU interpreter; skipped where triton is not
-installed, as in CI)."""
-
-import os
+pos, for equal, unequal and single KV-head groups (run by Triton's CPU interpreter, which tests/conftest.py turns
+on)."""
 
 import pytest
 import torch
-
-os.environ.setdefault("TRITON_INTERPRET", "1")  # read when triton is imported: the kernels run on the CPU
-triton = pytest.importorskip("triton")
 
 
 @pytest.fixture(autouse=True)

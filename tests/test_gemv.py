@@ -1,14 +1,9 @@
 """kvshare.gemv's Triton kernel computes what kvshare.decode.linear_reference does: x @ W.T + b, alone or with the
-residual after it (run by Triton's CPU interpreter, float32; skipped where triton is not installed, as in CI: its
-bf16 agreement with cuBLAS on a GPU is recorded by benchmarks/decode_kernels_bench.py)."""
-
-import os
+residual after it (run by Triton's CPU interpreter, which tests/conftest.py turns on; float32: its bf16 agreement
+with cuBLAS on a GPU is recorded by benchmarks/decode_kernels_bench.py)."""
 
 import pytest
 import torch
-
-os.environ.setdefault("TRITON_INTERPRET", "1")  # read when triton is imported: the kernel runs on the CPU
-triton = pytest.importorskip("triton")
 
 
 def _kernel_linear(x, w, b=None, residual=None):
