@@ -45,6 +45,8 @@ import machine  # noqa: E402
 from kvshare.decode import GraphDecoder, _decode_attention, static_cache  # noqa: E402
 from kvshare.io import atomic_write_json  # noqa: E402
 
+MAX_LEN = 2048 + 64 - 1  # the cache of decode_floor_bench's default cell: prompt 2048, 64 new tokens
+
 
 def graph_ms(fn, reps: int = 20) -> float:
     """Median milliseconds of one replay of ``fn`` captured as a CUDA graph (after two warm-up calls)."""
@@ -151,7 +153,7 @@ def time_attention(decoder, kind: str) -> dict:
     return {"attention": kind, "batch": batch, "kv_bytes": nbytes, "ms": ms, "GBps": nbytes / ms / 1e6}
 
 
-def attention_inputs(device, batch: int, n_kv: int, layers: int = 1, max_len: int = 2048 + 64 - 1, d: int = 128):
+def attention_inputs(device, batch: int, n_kv: int, layers: int = 1, max_len: int = MAX_LEN, d: int = 128):
     """What a 7B decode step hands kvshare.decode_attention (32 query heads in equal groups on n_kv KV heads, bf16,
     random): each layer's (keys, values) cache, the query, the new key and value, cos and sin, rows, and the
     position, the cache's last."""
@@ -164,7 +166,7 @@ def attention_inputs(device, batch: int, n_kv: int, layers: int = 1, max_len: in
     return caches, query, key, value, cos, sin, rows, torch.tensor([max_len - 1], device=device)
 
 
-def time_splits(device, batch: int, n_kv: int, tune: dict, layers: int = 32, max_len: int = 2048 + 64 - 1) -> dict:
+def time_splits(device, batch: int, n_kv: int, tune: dict, layers: int = 32, max_len: int = MAX_LEN) -> dict:
     """kvshare.decode_attention over ``layers`` caches of n_kv KV heads (32 query heads in equal groups), reading
     up to the last position, with ``tune``'s values of its module constants (``programs_per_sm``: the programs
     it aims for per multiprocessor, default 2); with the query rotated inside (rope) and without."""
@@ -291,7 +293,7 @@ def main() -> None:
         return
     gqa = dfb.build_models("llama2-7b", dfb.LLAMA2_7B, ["gqa"], device, torch.bfloat16, build)["gqa"]
     for batch in (1, 32):
-        decoder = GraphDecoder(gqa, batch, 2048 + 64 - 1)
+        decoder = GraphDecoder(gqa, batch, MAX_LEN)
         if "gemv" in parts:
             save("gemv", time_gemv(decoder, batch))
         for kind in ("triton", "flex", "sdpa", "matmul") if "attention" in parts else ():

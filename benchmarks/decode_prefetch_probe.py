@@ -13,6 +13,9 @@ and the new entry written as in a step) followed by its o product (cuBLAS):
   hides only what they read within the attention's time).
 
     PYTHONPATH=src python benchmarks/decode_prefetch_probe.py [--out DIR]    # one GPU, under a minute
+
+Measured on H100s (benchmarks/results/decode_floor/h100-prefetch, h100-prefetch-wide): with either reader the
+pair is slower than in series, so GraphDecoder does not prefetch.
 """
 
 from __future__ import annotations
