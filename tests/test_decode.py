@@ -233,6 +233,10 @@ def test_graph_decoder_names_what_does_not_fit(base, monkeypatch):
         GraphDecoder(model, 2, 9, attention="flash")
     with pytest.raises(ValueError, match=r"^gemv='triton-fused' is not one of cublas, triton$"):
         GraphDecoder(model, 2, 9, gemv="triton-fused")
+    with pytest.raises(
+        ValueError, match=r"^pdl=True .* capability 9.0 .* attention='triton', gemv='triton' on cpu: pass"
+    ):
+        GraphDecoder(model, 2, 9, attention="triton", pdl=True)
     monkeypatch.delenv("TRITON_INTERPRET")  # the tests' interpreter off: the kernel needs a GPU
     with pytest.raises(ValueError, match="attention='triton' runs on CUDA .* on cpu"):
         GraphDecoder(model, 2, 9, attention="triton")

@@ -37,14 +37,15 @@ def test_kernel_equals_reference(rows, n, k, bias, residual):
 @pytest.mark.parametrize("around", ["", "norm", "norm act", "residual", "act residual"])
 def test_product_form_equals_reference(around, monkeypatch):
     """linear_product (GraphDecoder's gemv="triton"): the kernel's product, the residual added inside it where no
-    activation follows, the norm and activation around it, as linear_reference computes them."""
+    activation follows, the norm and activation around it, as linear_reference computes them; linear_product_pdl
+    the same, its kernel launched by programmatic dependent launch."""
     import kvshare.gemv as gemv
     from kvshare.decode import linear_reference
 
     calls = []
 
-    def kernel(*args, **kwargs):
-        calls.append(kwargs)
+    def kernel(*args, pdl, **kwargs):
+        calls.append(dict(kwargs, pdl=pdl))
         return _kernel_linear(*args, **kwargs)
 
     monkeypatch.setattr(gemv, "linear", kernel)
@@ -59,3 +60,5 @@ def test_product_form_equals_reference(around, monkeypatch):
     got = gemv.linear_product(x, w, b, norm, 1e-5, act, res)
     assert got.shape == want.shape and (got - want).abs().max() <= 1e-4 * want.abs().max()
     assert len(calls) == 1 and (calls[0].get("residual") is not None) == (res is not None and act is None)
+    assert not calls[0]["pdl"]
+    assert (gemv.linear_product_pdl(x, w, b, norm, 1e-5, act, res) - got).abs().max() == 0 and calls[1]["pdl"]

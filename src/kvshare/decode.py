@@ -91,7 +91,8 @@ class LayerSpec(NamedTuple):
     qkv_sizes: tuple[int, ...]
     act: str  # the MLP's activation, a transformers ACT2FN name
     attention: str
-    linear: Callable  # linear_reference or kvshare.gemv.linear_product
+    linear: Callable  # linear_reference or kvshare.gemv.linear_product(_pdl)
+    pdl: bool  # the attention's kernels by programmatic dependent launch (kvshare.pdl)
 
 
 def _fuse(linears) -> tuple:
@@ -206,7 +207,8 @@ def _decode_layer(x, pos, cos, sin, keys, values, w: tuple, spec: LayerSpec):
         from kvshare.decode_attention import attention
 
         new = [p.view(batch, -1, d) for p in new]
-        out = attention(query.view(batch, -1, d), keys, values, pos, rows, spec.scaling, cos, sin, *new)
+        query = query.view(batch, -1, d)
+        out = attention(query, keys, values, pos, rows, spec.scaling, cos, sin, *new, pdl=spec.pdl)
     else:
         out = _torch_attention(query, new, pos, cos, sin, keys, values, slots, unslots, spec)
     x = spec.linear(out.reshape(batch, 1, -1), o_w, o_b, residual=x)
@@ -242,7 +244,7 @@ class GraphDecoder:
     """
 
     def __init__(self, model, batch_size, max_cache_len, attention=None, steps_per_graph=8, backend="inductor",
-                 gemv="triton", compile_unit="layer"):  # fmt: skip
+                 gemv="triton", compile_unit="layer", pdl=False):  # fmt: skip
         import torch
 
         from kvshare.modeling import KVShareLlamaConfig, KVShareStaticCache
@@ -265,11 +267,21 @@ class GraphDecoder:
             raise ValueError(f"gemv={gemv!r} is not one of cublas, triton")
         if compile_unit not in ("layer", "step"):
             raise ValueError(f"compile_unit={compile_unit!r} is not one of layer, step")
+        from kvshare import pdl as launch
+
+        if pdl and not (launch.supported(model.device) and attention == "triton" and gemv == "triton"):
+            raise ValueError(
+                f"pdl=True launches the triton attention's and gemv's kernels on a GPU of compute capability 9.0 or "
+                f"later, but attention={attention!r}, gemv={gemv!r} on {model.device}: pass pdl=False"
+            )
         self.model, self.steps_per_graph, self.device = model, steps_per_graph, model.device
         self.cache = KVShareStaticCache(model.config, max_cache_len, batch_size, model.dtype, self.device)
         linear = linear_reference
         if gemv == "triton" and self.device.type == "cuda":
-            from kvshare.gemv import linear_product as linear
+            from kvshare import gemv as products
+
+            linear = products.linear_product_pdl if pdl else products.linear_product
+        self.pdl = pdl
         self.layers = [self._layer_inputs(layer, attention, linear) for layer in model.model.layers]
         self.linear = linear
         long = dict(dtype=torch.long, device=self.device)
@@ -277,6 +289,8 @@ class GraphDecoder:
         self.pos = torch.zeros(1, **long)  # its position
         self.seq = torch.zeros(batch_size, max_cache_len + 1, **long)  # every token, by position
         compiled = dict(backend=backend, fullgraph=True, dynamic=False)
+        if backend == "inductor" and pdl:  # its kernels too, each waiting where it reads the kernel before's output
+            compiled["options"] = {"triton.enable_pdl": True}
         # Each decoder adds its own compiled entries of these functions (guards name its shapes).
         torch._dynamo.config.recompile_limit += 8
         self._layer, self._ends, self._step = _decode_layer, self._ends_eager, self._step_eager
@@ -302,7 +316,7 @@ class GraphDecoder:
         rows = torch.tensor(rows, dtype=torch.int32, device=self.device)
         sizes = (config.num_attention_heads * attn.head_dim,) + (attn.n_kv * attn.head_dim,) * (2 if stores else 0)
         spec = LayerSpec(stores, attn.n_kv, attn._gmax, attn.head_dim, attn.scaling, config.rms_norm_eps, sizes,
-                         config.hidden_act, attention, linear)  # fmt: skip
+                         config.hidden_act, attention, linear, self.pdl)  # fmt: skip
         w = (layer.input_layernorm.weight, qkv_w, qkv_b, slots, unslots, rows, attn.o_proj.weight, attn.o_proj.bias,
              layer.post_attention_layernorm.weight, gu_w, gu_b, mlp.down_proj.weight, mlp.down_proj.bias)  # fmt: skip
         return attn.kv_layer, w, spec

@@ -30,10 +30,13 @@ import torch
 import triton
 import triton.language as tl
 
+from kvshare.pdl import launch_options, prefetch_l2, wait_for_inputs
+
 BLOCK_N = 64  # context positions per step of a chunk's walk
 WARPS, STAGES = 4, 2  # the partial kernel's warps and software-pipelining stages
 SMS = 132  # an H100's or H200's multiprocessors: the count off CUDA (Triton's interpreter)
 BLOCK_S = 16  # chunks the merge reads per step
+PREFETCH_N = tl.constexpr(128)  # cached positions a program asks L2 for before it waits (programmatic dependent launch)
 
 
 @triton.jit
@@ -51,11 +54,18 @@ def _rotated(row, rd, cos, sin, mask, HEAD_DIM: tl.constexpr):
 def _partial_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, rows_ptr, cos_ptr, sin_ptr, nk_ptr, nv_ptr, o_ptr, lse_ptr,
                     qk_scale, n_heads, splits, chunk, stride_qb, stride_qh, stride_kb, stride_kh, stride_cb,
                     stride_nb, stride_nh, GM: tl.constexpr, HEAD_DIM: tl.constexpr, ROPE: tl.constexpr,
-                    STORE: tl.constexpr, DIRECT: tl.constexpr, BLOCK_M: tl.constexpr,
+                    STORE: tl.constexpr, DIRECT: tl.constexpr, PDL: tl.constexpr, BLOCK_M: tl.constexpr,
                     BLOCK_N: tl.constexpr):  # fmt: skip
     b = tl.program_id(0).to(tl.int64)  # a large cache's offsets pass 2**31
     kv = tl.program_id(1)
     split = tl.program_id(2)
+    if PDL:  # the chunk's first PREFETCH_N cached entries (no kernel of this step writes them but this one)
+        first = tl.load(pos_ptr)  # written by the step before
+        at = tl.minimum(split * chunk + tl.arange(0, PREFETCH_N), tl.minimum(first, (split + 1) * chunk - 1))
+        lines = b * stride_kb + kv * stride_kh + at[:, None] * HEAD_DIM + tl.arange(0, HEAD_DIM // 64)[None, :] * 64
+        prefetch_l2(k_ptr + lines)
+        prefetch_l2(v_ptr + lines)
+        wait_for_inputs()
     rm = tl.arange(0, BLOCK_M)
     rd = tl.arange(0, HEAD_DIM)
     head = tl.load(rows_ptr + kv * GM + rm, mask=rm < GM, other=-1)
@@ -106,7 +116,9 @@ def _partial_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, rows_ptr, cos_ptr, sin_ptr, nk
 
 @triton.jit
 def _combine_kernel(o_ptr, lse_ptr, out_ptr, n_heads, splits, HEAD_DIM: tl.constexpr, SPLITS: tl.constexpr,
-                    BLOCK_S: tl.constexpr):  # fmt: skip
+                    PDL: tl.constexpr, BLOCK_S: tl.constexpr):  # fmt: skip
+    if PDL:  # all it reads is the chunk kernel's output
+        wait_for_inputs()
     bh = tl.program_id(0).to(tl.int64) * n_heads + tl.program_id(1)
     rd = tl.arange(0, HEAD_DIM)
     rs = tl.arange(0, BLOCK_S)
@@ -151,6 +163,7 @@ def attention(
     sin: torch.Tensor | None = None,
     key: torch.Tensor | None = None,
     value: torch.Tensor | None = None,
+    pdl: bool = False,
 ) -> torch.Tensor:
     """Each query head's attention over its KV head's cache up to ``pos`` (inclusive). query [batch, n_heads,
     head_dim], each head's values contiguous (a slice of a fused q/k/v product will do); keys and values [batch,
@@ -158,8 +171,9 @@ def attention(
     query heads that read each KV head, padded with -1; cos and sin [batch, 1, head_dim], each row contiguous
     (transformers' rotary embedding of the position): given, the query is rotated by them first; key and value
     [batch, n_kv, head_dim], each head contiguous, alike in strides: the position's new entry, which the kernel
-    writes into the cache at pos (the key rotated by cos and sin) before attending to it. Returns [batch,
-    n_heads, head_dim] in the query's dtype and head order."""
+    writes into the cache at pos (the key rotated by cos and sin) before attending to it; pdl: launch the kernels
+    by programmatic dependent launch (kvshare.pdl). Returns [batch, n_heads, head_dim] in the query's dtype and
+    head order."""
     batch, n_heads, d = query.shape
     n_kv, max_len = keys.shape[1], keys.shape[2]
     gm = rows.shape[1]
@@ -193,18 +207,19 @@ def attention(
     lse = out if direct else torch.empty(batch, n_heads, splits, dtype=torch.float32, device=query.device)
     cos, sin = (cos, sin) if rope else (query, query)  # not read
     key, value = (key, value) if store else (query, query)
+    pdl = launch_options(pdl)
     _partial_kernel[(batch, n_kv, splits)](query, keys, values, pos, rows, cos, sin, key, value, o, lse,
                                            scaling * math.log2(math.e), n_heads, splits, chunk, query.stride(0),
                                            query.stride(1), keys.stride(0), keys.stride(1), cos.stride(0),
                                            key.stride(0), key.stride(1), GM=gm, HEAD_DIM=d, ROPE=rope, STORE=store,
                                            DIRECT=direct, BLOCK_M=max(16, triton.next_power_of_2(gm)), BLOCK_N=BLOCK_N,
-                                           num_warps=WARPS, num_stages=STAGES)  # fmt: skip
+                                           num_warps=WARPS, num_stages=STAGES, **pdl)  # fmt: skip
     if not direct:
         _combine_kernel[(batch, n_heads)](o, lse, out, n_heads, splits, HEAD_DIM=d,
-                                          SPLITS=triton.next_power_of_2(splits), BLOCK_S=BLOCK_S)  # fmt: skip
+                                          SPLITS=triton.next_power_of_2(splits), BLOCK_S=BLOCK_S, **pdl)  # fmt: skip
     return out
 
 
 @attention.register_fake
-def _(query, keys, values, pos, rows, scaling, cos=None, sin=None, key=None, value=None):
+def _(query, keys, values, pos, rows, scaling, cos=None, sin=None, key=None, value=None, pdl=False):
     return query.new_empty(query.shape)

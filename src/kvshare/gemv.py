@@ -27,6 +27,9 @@ import triton
 import triton.language as tl
 
 from kvshare.decode import activate, linear_reference, rms_norm
+from kvshare.pdl import launch_options, prefetch_l2, wait_for_inputs
+
+PREFETCH_K = tl.constexpr(1024)  # weight columns a program asks L2 for before it waits (programmatic dependent launch)
 
 MAX_ROWS = 16  # at 32 rows cuBLAS was faster (H100: 4.53 ms against 4.68 bare; a decode step 10.9 against 13.1 fused)
 
@@ -48,11 +51,15 @@ CONFIGS = [
 @triton.autotune(configs=CONFIGS, key=["M", "N", "K"])
 @triton.jit
 def _kernel(x_ptr, w_ptr, b_ptr, r_ptr, y_ptr, M, N, K: tl.constexpr, stride_xm, stride_wn, stride_rm, stride_ym,
-            HAS_BIAS: tl.constexpr, RESIDUAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-            BLOCK_K: tl.constexpr):  # fmt: skip
+            HAS_BIAS: tl.constexpr, RESIDUAL: tl.constexpr, PDL: tl.constexpr, BLOCK_M: tl.constexpr,
+            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
     rm = tl.arange(0, BLOCK_M)
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
+    if PDL:  # the weight's first columns, up to PREFETCH_K, one 128-byte line (64 bf16) at a time
+        lines = tl.minimum(tl.arange(0, PREFETCH_K // 64) * 64, K - 1)
+        prefetch_l2(w_ptr + tl.minimum(rn, N - 1)[:, None] * stride_wn + lines[None, :])
+        wait_for_inputs()
     dtype = y_ptr.dtype.element_ty
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for i in range(tl.cdiv(K, BLOCK_K)):
@@ -71,7 +78,7 @@ def _kernel(x_ptr, w_ptr, b_ptr, r_ptr, y_ptr, M, N, K: tl.constexpr, stride_xm,
     tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], y, mask=mask)
 
 
-def _launch(kernel, x, weight, bias, residual, **config):
+def _launch(kernel, x, weight, bias, residual, pdl=False, **config):
     """``kernel`` (the autotuned one, or its plain ``.fn`` given the blocks in ``config``) over x's rows."""
     m, k = x.shape
     n = weight.shape[0]
@@ -84,39 +91,45 @@ def _launch(kernel, x, weight, bias, residual, **config):
     kernel[grid](x, weight, weight if bias is None else bias, y if residual is None else residual, y, m, n, k,
                  x.stride(0), weight.stride(0), 0 if residual is None else residual.stride(0), y.stride(0),
                  HAS_BIAS=bias is not None, RESIDUAL=residual is not None, BLOCK_M=max(16, triton.next_power_of_2(m)),
-                 **config)  # fmt: skip
+                 **launch_options(pdl), **config)  # fmt: skip
     return y
 
 
 @torch.library.custom_op("kvshare::gemv", mutates_args=())
 def _gemv(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None, pdl: bool
 ) -> torch.Tensor:
-    return _launch(_kernel, x, weight, bias, residual)
+    return _launch(_kernel, x, weight, bias, residual, pdl)
 
 
 @_gemv.register_fake
-def _(x, weight, bias, residual):
+def _(x, weight, bias, residual, pdl):
     return x.new_empty(x.shape[0], weight.shape[0])
 
 
-def linear(x, weight, bias=None, residual=None):
+def linear(x, weight, bias=None, residual=None, pdl=False):
     """``x @ weight.T + bias`` (+ ``residual``) by the kernel above for up to MAX_ROWS rows on CUDA (contiguous
-    weight), else by PyTorch."""
+    weight; ``pdl``: by programmatic dependent launch, kvshare.pdl), else by PyTorch."""
     rows = x.numel() // x.shape[-1]
     if rows > MAX_ROWS or not x.is_cuda or not weight.is_contiguous():
         return linear_reference(x, weight, bias, residual=residual)
     flat = x.reshape(rows, x.shape[-1]).contiguous()
     res = None if residual is None else residual.reshape(rows, -1).contiguous()
-    return _gemv(flat, weight, bias, res).view(*x.shape[:-1], weight.shape[0])
+    return _gemv(flat, weight, bias, res, pdl).view(*x.shape[:-1], weight.shape[0])
 
 
-def linear_product(x, weight, bias=None, norm=None, eps: float = 0.0, act: str | None = None, residual=None):
+def linear_product(x, weight, bias=None, norm=None, eps: float = 0.0, act: str | None = None, residual=None,
+                   pdl=False):  # fmt: skip
     """:func:`kvshare.decode.linear_reference` with only the product (and the residual, where no activation
     follows it) computed by :func:`linear`'s kernel: the norm before and the activation after it by PyTorch
     (inductor's kernels, in a compiled decode step)."""
     if norm is not None:
         x = rms_norm(x, norm, eps)
     if act is None:
-        return linear(x, weight, bias, residual=residual)
-    return activate(linear(x, weight, bias), act, residual)
+        return linear(x, weight, bias, residual=residual, pdl=pdl)
+    return activate(linear(x, weight, bias, pdl=pdl), act, residual)
+
+
+def linear_product_pdl(x, weight, bias=None, norm=None, eps: float = 0.0, act: str | None = None, residual=None):
+    """:func:`linear_product` by programmatic dependent launch (GraphDecoder's ``pdl``)."""
+    return linear_product(x, weight, bias, norm, eps, act, residual, pdl=True)
