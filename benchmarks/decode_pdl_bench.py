@@ -80,7 +80,7 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--shapes", default="smollm2-135m,mha-12l", help=f"comma-separated, of {sorted(fb.SHAPES)}")
     ap.add_argument("--variants", default="gqa,cla2,mqa", help="comma-separated, of gqa, qcqa-ac, qcqa-ec, cla2, mqa")
-    ap.add_argument("--batches", default="1,32")
+    ap.add_argument("--batches", default="1,16", help="up to 16: GraphDecoder's pdl=True refuses more")
     ap.add_argument("--prompt", type=int, default=2048)
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--reps", type=int, default=5)

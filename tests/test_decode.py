@@ -237,6 +237,9 @@ def test_graph_decoder_names_what_does_not_fit(base, monkeypatch):
         ValueError, match=r"^pdl=True .* capability 9.0 .* attention='triton', gemv='triton' on cpu: pass"
     ):
         GraphDecoder(model, 2, 9, attention="triton", pdl=True)
+    monkeypatch.setattr("kvshare.pdl.supported", lambda device: True)
+    with pytest.raises(ValueError, match=r"^pdl=True is for batches of up to 16 .* got batch_size=17: pass pdl=False$"):
+        GraphDecoder(model, 17, 9, attention="triton", pdl=True)
     monkeypatch.delenv("TRITON_INTERPRET")  # the tests' interpreter off: the kernel needs a GPU
     with pytest.raises(ValueError, match="attention='triton' runs on CUDA .* on cpu"):
         GraphDecoder(model, 2, 9, attention="triton")

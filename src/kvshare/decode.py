@@ -216,6 +216,27 @@ def _decode_layer(x, pos, cos, sin, keys, values, w: tuple, spec: LayerSpec):
     return spec.linear(hidden, down_w, down_b, residual=x)
 
 
+def _check_pdl(device, batch_size: int, attention: str, gemv: str) -> None:
+    """Refuse GraphDecoder's pdl=True where it cannot run, and beyond kvshare.gemv's rows: there cuBLAS's products
+    and inductor's norms ran no faster so launched, and at the 7B shape their outputs differed from the plain
+    launch's by up to 0.10 in logits of about 5.5, for a reason not established (H100,
+    benchmarks/results/decode_floor/h100-pdl)."""
+    from kvshare.pdl import supported
+
+    if not (supported(device) and attention == "triton" and gemv == "triton"):
+        raise ValueError(
+            f"pdl=True launches the triton attention's and gemv's kernels on a GPU of compute capability 9.0 or "
+            f"later, but attention={attention!r}, gemv={gemv!r} on {device}: pass pdl=False"
+        )
+    from kvshare.gemv import MAX_ROWS
+
+    if batch_size > MAX_ROWS:
+        raise ValueError(
+            f"pdl=True is for batches of up to {MAX_ROWS} (kvshare.gemv's products), got batch_size={batch_size}: "
+            "pass pdl=False"
+        )
+
+
 class GraphDecoder:
     """Greedy decoding of a kvshare model at the memory-bandwidth bound: each decode step is a fixed sequence of
     kernels replayed from a CUDA graph, several steps per graph, with no Python work and no device sync per token.
@@ -241,6 +262,11 @@ class GraphDecoder:
     ``gemv`` picks the decode step's matrix products on CUDA: "triton", the default (kvshare.gemv's kernel for up
     to 16 rows, torch's beyond, the residuals added inside it, the norms and activation by inductor's kernels
     around it: a 7B step at batch 1 took 5.20 ms against 5.40 with "cublas" on an H100) or "cublas" (torch's).
+    ``pdl=True`` (a GPU of compute capability 9.0 or later, both "triton" options, batches of up to 16) launches
+    the step's kernels by programmatic dependent launch (kvshare.pdl), each starting while the one before ends:
+    on an H100 a small model's step at batch 1 took 0.79× the time (SmolLM2-135M) or 0.85-0.87× (12 MHA layers),
+    with outputs equal bit for bit, but a 7B step 1.01× (benchmarks/results/decode_floor/h100-pdl): so it is off
+    unless asked for.
     """
 
     def __init__(self, model, batch_size, max_cache_len, attention=None, steps_per_graph=8, backend="inductor",
@@ -267,13 +293,8 @@ class GraphDecoder:
             raise ValueError(f"gemv={gemv!r} is not one of cublas, triton")
         if compile_unit not in ("layer", "step"):
             raise ValueError(f"compile_unit={compile_unit!r} is not one of layer, step")
-        from kvshare import pdl as launch
-
-        if pdl and not (launch.supported(model.device) and attention == "triton" and gemv == "triton"):
-            raise ValueError(
-                f"pdl=True launches the triton attention's and gemv's kernels on a GPU of compute capability 9.0 or "
-                f"later, but attention={attention!r}, gemv={gemv!r} on {model.device}: pass pdl=False"
-            )
+        if pdl:
+            _check_pdl(model.device, batch_size, attention, gemv)
         self.model, self.steps_per_graph, self.device = model, steps_per_graph, model.device
         self.cache = KVShareStaticCache(model.config, max_cache_len, batch_size, model.dtype, self.device)
         linear = linear_reference
