@@ -18,6 +18,9 @@ inductor's rotation and writes (on an H100, 1-3% off a 7B step at batch 1 and 32
 attention kernel's last program instead, by an atomic count, measured slower there (MQA at batch 1: 5.03
 against 4.67 ms), so the merge keeps its own kernel.
 
+Launched by programmatic dependent launch (``pdl``, kvshare.pdl), the chunk kernel asks L2 for its chunk's first
+entries before it waits on the q/k/v product, and the merge kernel starts as the chunk kernel ends.
+
 :func:`attention` is a torch custom op, so torch.compile leaves it as one opaque call inside a compiled decode
 layer. Importing this module needs ``triton`` (shipped with CUDA builds of torch).
 """

@@ -16,6 +16,9 @@ activation inside the kernel too cost more than it saved (a step took 5.67 ms ag
 h100-gemv; our reading, not profiled: every program repeats the work on x, on BLOCK_M rows however few are
 real), so that form was removed.
 
+Launched by programmatic dependent launch (``pdl``, kvshare.pdl; GraphDecoder's ``pdl=True`` uses
+:func:`linear_product_pdl`), a program asks L2 for its weight's first columns before it waits on x.
+
 :func:`linear` is a torch custom op, so torch.compile leaves it as one opaque call inside a compiled decode
 layer. Importing this module needs ``triton`` (shipped with CUDA builds of torch).
 """
