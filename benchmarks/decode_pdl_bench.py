@@ -2,8 +2,9 @@
 
 For each shape, variant and batch: two decoders of one model, ``pdl=False`` and ``pdl=True``, each timed over
 ``--new`` steps from a context of ``--prompt`` tokens, alternating, ``--reps`` times (median); then both generate
-from one prompt and their tokens and one step's logits are compared. The kernels compute the same sums in the same
-order either way, so any difference is a read that did not wait for its writer.
+from one prompt, twice each, and their tokens and one step's logits are compared. kvshare's kernels compute the same
+sums in the same order either way (inductor may time its kernels' configurations into other choices); a read that
+did not wait for its writer would also differ from run to run.
 
     python benchmarks/decode_pdl_bench.py --shapes smollm2-135m,mha-12l --variants gqa,cla2,mqa --out DIR
 
