@@ -28,9 +28,11 @@ import decode_floor_bench as fb  # noqa: E402
 import machine  # noqa: E402
 
 from kvshare.decode import GraphDecoder  # noqa: E402
+from kvshare.gemv import MAX_ROWS  # noqa: E402
 from kvshare.io import atomic_write_json  # noqa: E402
 
 MODES = {"off": False, "on": True}
+VARIANTS = tuple(v for v in fb.VARIANTS if v != "hf-static")  # kvshare models: GraphDecoder's
 
 
 def compare(decoders: dict, prompt: int, new: int, vocab: int, device) -> dict:
@@ -80,8 +82,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True)
     ap.add_argument("--shapes", default="smollm2-135m,mha-12l", help=f"comma-separated, of {sorted(fb.SHAPES)}")
-    ap.add_argument("--variants", default="gqa,cla2,mqa", help="comma-separated, of gqa, qcqa-ac, qcqa-ec, cla2, mqa")
-    ap.add_argument("--batches", default="1,16", help="up to 16: GraphDecoder's pdl=True refuses more")
+    ap.add_argument("--variants", default="gqa,cla2,mqa", help=f"comma-separated, of {', '.join(VARIANTS)}")
+    ap.add_argument("--batches", default="1,16", help=f"up to {MAX_ROWS}: GraphDecoder's pdl=True refuses more")
     ap.add_argument("--prompt", type=int, default=2048)
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--reps", type=int, default=5)
@@ -91,6 +93,12 @@ def main() -> None:
     for name in args.shapes.split(","):
         if name not in fb.SHAPES:
             ap.error(f"--shapes: unknown shape {name!r}; use one of {', '.join(sorted(fb.SHAPES))}")
+    for variant in args.variants.split(","):
+        if variant not in VARIANTS:
+            ap.error(f"--variants: unknown variant {variant!r}; use some of {', '.join(VARIANTS)}")
+    batches = args.batches.split(",")
+    if not all(b.isdigit() and 1 <= int(b) <= MAX_ROWS for b in batches):
+        ap.error(f"--batches {args.batches!r}: give integers from 1 to {MAX_ROWS} (pdl=True's limit), e.g. 1,16")
     device = torch.device("cuda")
     if not torch.cuda.is_available() or torch.cuda.get_device_capability(device)[0] < 9:
         sys.exit("decode_pdl_bench needs a CUDA GPU of compute capability 9.0 or later (programmatic dependent launch)")
@@ -100,7 +108,7 @@ def main() -> None:
     for name in args.shapes.split(","):
         models = fb.build_models(name, fb.SHAPES[name], args.variants.split(","), device, torch.bfloat16, built)
         for variant, model in models.items():
-            for batch in map(int, args.batches.split(",")):
+            for batch in map(int, batches):
                 rec = dict(shape=name, variant=variant, when=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()))
                 rec |= cell(model, batch, args, device)
                 result["cells"].append(rec)

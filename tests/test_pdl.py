@@ -1,7 +1,7 @@
 """kvshare.pdl: the decode kernels' programmatic dependent launch, checked without a GPU by compiling them for an
 H100 (sm_90) with Triton's own ptxas: the launch waits on the kernel before only after its L2 prefetches and
-leaves as many programs on a multiprocessor (tests/test_decode.py: GraphDecoder refuses pdl=True where it cannot run; on an H100,
-benchmarks/decode_pdl_bench.py compares its outputs and speed with pdl=False)."""
+leaves as many programs on a multiprocessor. tests/test_decode.py checks that GraphDecoder refuses pdl=True where
+it cannot run; on an H100, benchmarks/decode_pdl_bench.py compares its outputs and speed with pdl=False."""
 
 import json
 import os

@@ -302,8 +302,7 @@ class GraphDecoder:
             from kvshare import gemv as products
 
             linear = products.linear_product_pdl if pdl else products.linear_product
-        self.pdl = pdl
-        self.layers = [self._layer_inputs(layer, attention, linear) for layer in model.model.layers]
+        self.layers = [self._layer_inputs(layer, attention, linear, pdl) for layer in model.model.layers]
         self.linear = linear
         long = dict(dtype=torch.long, device=self.device)
         self.tokens = torch.zeros(batch_size, 1, **long)  # the token each step feeds
@@ -322,7 +321,7 @@ class GraphDecoder:
             self._step = torch.compile(self._step_eager, **compiled)
         self._graphs, self._at = {}, 0
 
-    def _layer_inputs(self, layer, attention: str, linear) -> tuple:
+    def _layer_inputs(self, layer, attention: str, linear, pdl: bool) -> tuple:
         import torch
 
         from kvshare.modeling import kv_groups
@@ -337,7 +336,7 @@ class GraphDecoder:
         rows = torch.tensor(rows, dtype=torch.int32, device=self.device)
         sizes = (config.num_attention_heads * attn.head_dim,) + (attn.n_kv * attn.head_dim,) * (2 if stores else 0)
         spec = LayerSpec(stores, attn.n_kv, attn._gmax, attn.head_dim, attn.scaling, config.rms_norm_eps, sizes,
-                         config.hidden_act, attention, linear, self.pdl)  # fmt: skip
+                         config.hidden_act, attention, linear, pdl)  # fmt: skip
         w = (layer.input_layernorm.weight, qkv_w, qkv_b, slots, unslots, rows, attn.o_proj.weight, attn.o_proj.bias,
              layer.post_attention_layernorm.weight, gu_w, gu_b, mlp.down_proj.weight, mlp.down_proj.bias)  # fmt: skip
         return attn.kv_layer, w, spec

@@ -62,9 +62,9 @@ def _partial_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, rows_ptr, cos_ptr, sin_ptr, nk
     b = tl.program_id(0).to(tl.int64)  # a large cache's offsets pass 2**31
     kv = tl.program_id(1)
     split = tl.program_id(2)
+    pos = tl.load(pos_ptr)  # written by the step before
     if PDL:  # the chunk's first PREFETCH_N cached entries (no kernel of this step writes them but this one)
-        first = tl.load(pos_ptr)  # written by the step before
-        at = tl.minimum(split * chunk + tl.arange(0, PREFETCH_N), tl.minimum(first, (split + 1) * chunk - 1))
+        at = tl.minimum(split * chunk + tl.arange(0, PREFETCH_N), tl.minimum(pos, (split + 1) * chunk - 1))
         lines = b * stride_kb + kv * stride_kh + at[:, None] * HEAD_DIM + tl.arange(0, HEAD_DIM // 64)[None, :] * 64
         prefetch_l2(k_ptr + lines)
         prefetch_l2(v_ptr + lines)
@@ -81,7 +81,6 @@ def _partial_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, rows_ptr, cos_ptr, sin_ptr, nk
     else:
         q = tl.load(q_row + rd[None, :], mask=live[:, None], other=0.0)
     q = q.to(k_ptr.dtype.element_ty)
-    pos = tl.load(pos_ptr)
     start = split * chunk
     end = tl.minimum(start + chunk, pos + 1)  # a chunk past pos takes no step
     k_ptr += b * stride_kb + kv * stride_kh
@@ -210,16 +209,16 @@ def attention(
     lse = out if direct else torch.empty(batch, n_heads, splits, dtype=torch.float32, device=query.device)
     cos, sin = (cos, sin) if rope else (query, query)  # not read
     key, value = (key, value) if store else (query, query)
-    pdl = launch_options(pdl)
+    launch = launch_options(pdl)
     _partial_kernel[(batch, n_kv, splits)](query, keys, values, pos, rows, cos, sin, key, value, o, lse,
                                            scaling * math.log2(math.e), n_heads, splits, chunk, query.stride(0),
                                            query.stride(1), keys.stride(0), keys.stride(1), cos.stride(0),
                                            key.stride(0), key.stride(1), GM=gm, HEAD_DIM=d, ROPE=rope, STORE=store,
                                            DIRECT=direct, BLOCK_M=max(16, triton.next_power_of_2(gm)), BLOCK_N=BLOCK_N,
-                                           num_warps=WARPS, num_stages=STAGES, **pdl)  # fmt: skip
+                                           num_warps=WARPS, num_stages=STAGES, **launch)  # fmt: skip
     if not direct:
         _combine_kernel[(batch, n_heads)](o, lse, out, n_heads, splits, HEAD_DIM=d,
-                                          SPLITS=triton.next_power_of_2(splits), BLOCK_S=BLOCK_S, **pdl)  # fmt: skip
+                                          SPLITS=triton.next_power_of_2(splits), BLOCK_S=BLOCK_S, **launch)  # fmt: skip
     return out
 
 
