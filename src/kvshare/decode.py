@@ -91,7 +91,7 @@ class LayerSpec(NamedTuple):
     qkv_sizes: tuple[int, ...]
     act: str  # the MLP's activation, a transformers ACT2FN name
     attention: str
-    linear: Callable  # linear_reference or kvshare.gemv.linear_product(_pdl)
+    linear: Callable  # linear_reference or kvshare.gemv.linear_product(_pdl) or linear_fused(_pdl)
     pdl: bool  # the attention's kernels by programmatic dependent launch (kvshare.pdl)
 
 
@@ -223,10 +223,10 @@ def _check_pdl(device, batch_size: int, attention: str, gemv: str) -> None:
     benchmarks/results/decode_floor/h100-pdl)."""
     from kvshare.pdl import supported
 
-    if not (supported(device) and attention == "triton" and gemv == "triton"):
+    if not (supported(device) and attention == "triton" and gemv != "cublas"):
         raise ValueError(
-            f"pdl=True launches the triton attention's and gemv's kernels on a GPU of compute capability 9.0 or "
-            f"later, but attention={attention!r}, gemv={gemv!r} on {device}: pass pdl=False"
+            f"pdl=True launches the triton attention's and kvshare.gemv's kernels on a GPU of compute capability 9.0 "
+            f"or later, but attention={attention!r}, gemv={gemv!r} on {device}: pass pdl=False"
         )
     from kvshare.gemv import MAX_ROWS
 
@@ -289,8 +289,8 @@ class GraphDecoder:
                 f"attention='triton' runs on CUDA (or under TRITON_INTERPRET=1), but the model is on "
                 f"{model.device}: move it to a GPU, or pick attention='flex', 'sdpa' or 'matmul'"
             )
-        if gemv not in ("cublas", "triton"):
-            raise ValueError(f"gemv={gemv!r} is not one of cublas, triton")
+        if gemv not in ("cublas", "triton", "triton-fused"):
+            raise ValueError(f"gemv={gemv!r} is not one of cublas, triton, triton-fused")
         if compile_unit not in ("layer", "step"):
             raise ValueError(f"compile_unit={compile_unit!r} is not one of layer, step")
         if pdl:
@@ -298,10 +298,11 @@ class GraphDecoder:
         self.model, self.steps_per_graph, self.device = model, steps_per_graph, model.device
         self.cache = KVShareStaticCache(model.config, max_cache_len, batch_size, model.dtype, self.device)
         linear = linear_reference
-        if gemv == "triton" and self.device.type == "cuda":
+        if gemv != "cublas" and self.device.type == "cuda":
             from kvshare import gemv as products
 
-            linear = products.linear_product_pdl if pdl else products.linear_product
+            form = "linear_fused" if gemv == "triton-fused" else "linear_product"
+            linear = getattr(products, form + ("_pdl" if pdl else ""))
         self.layers = [self._layer_inputs(layer, attention, linear, pdl) for layer in model.model.layers]
         self.linear = linear
         long = dict(dtype=torch.long, device=self.device)
