@@ -1,19 +1,19 @@
 """GraphDecoder's step under several sets of options, side by side on one model (issue 15).
 
-A mode is a ``gemv`` choice (kvshare.decode.GraphDecoder's: ``triton`` or ``triton-fused``), ``+pdl`` for launching
-the step's kernels by programmatic dependent launch (kvshare.pdl). For each shape, variant and batch: one decoder
+A mode is a ``gemv`` choice (kvshare.decode.GraphDecoder's: ``triton`` or ``cublas``), with ``+pdl`` (``triton``
+only) for launching the step's kernels by programmatic dependent launch (kvshare.pdl). For each shape, variant and
+batch: one decoder
 per mode, all of one model, each timed over ``--new`` steps from a context of ``--prompt`` tokens, alternating,
 ``--reps`` times (median); then each generates from one prompt, twice, and its tokens and one step's logits are
 compared with the first mode's and with its own first run. The same kernels computing the same sums in the same
 order give equal outputs (inductor may time its kernels' configurations into other choices); a read that did not
-wait for its writer would also differ from run to run; ``triton-fused`` rounds the norm differently, so its outputs
-differ within bf16's tolerance.
+wait for its writer would also differ from run to run.
 
     python benchmarks/decode_options_bench.py --shapes smollm2-135m,mha-12l --variants gqa,mqa \\
-        --modes triton,triton+pdl,triton-fused,triton-fused+pdl --out DIR
+        --modes triton,triton+pdl,cublas --out DIR
 
 Writes DIR/decode_options.json: the machine, versions and command, and one record per cell. Needs a CUDA GPU
-(``+pdl``: of compute capability 9.0 or later).
+(``triton+pdl``: of compute capability 9.0 or later).
 """
 
 from __future__ import annotations
@@ -35,12 +35,12 @@ from kvshare.decode import GraphDecoder  # noqa: E402
 from kvshare.gemv import MAX_ROWS  # noqa: E402
 from kvshare.io import atomic_write_json  # noqa: E402
 
-GEMVS = ("triton", "triton-fused")
+GEMVS = ("triton", "cublas")
 VARIANTS = tuple(v for v in fb.VARIANTS if v != "hf-static")  # kvshare models: GraphDecoder's
 
 
 def options(mode: str) -> dict:
-    """GraphDecoder's keyword arguments for a mode such as ``triton-fused+pdl``."""
+    """GraphDecoder's keyword arguments for a mode such as ``triton+pdl``."""
     gemv, _, pdl = mode.partition("+")
     return dict(gemv=gemv, pdl=pdl == "pdl")
 
@@ -105,9 +105,9 @@ def parse(ap: argparse.ArgumentParser) -> argparse.Namespace:
     ap.add_argument("--out", required=True)
     ap.add_argument("--shapes", default="smollm2-135m,mha-12l", help=f"comma-separated, of {sorted(fb.SHAPES)}")
     ap.add_argument("--variants", default="gqa,cla2,mqa", help=f"comma-separated, of {', '.join(VARIANTS)}")
-    ap.add_argument("--modes", default="triton,triton+pdl", help=f"comma-separated: one of {', '.join(GEMVS)}, "
-                    "each with or without +pdl; the first is what the others are compared with")  # fmt: skip
-    ap.add_argument("--batches", default="1,16", help=f"up to {MAX_ROWS}: kvshare.gemv's kernel's rows")
+    ap.add_argument("--modes", default="triton,triton+pdl", help=f"comma-separated, of {', '.join(GEMVS)} and "
+                    "triton+pdl; the first is what the others are compared with")  # fmt: skip
+    ap.add_argument("--batches", default="1,16", help=f"with triton+pdl, up to {MAX_ROWS} (kvshare.gemv's rows)")
     ap.add_argument("--prompt", type=int, default=2048)
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--reps", type=int, default=5)
@@ -120,12 +120,14 @@ def parse(ap: argparse.ArgumentParser) -> argparse.Namespace:
     for variant in args.variants.split(","):
         if variant not in VARIANTS:
             ap.error(f"--variants: unknown variant {variant!r}; use some of {', '.join(VARIANTS)}")
-    for mode in args.modes.split(","):
-        gemv, plus, pdl = mode.partition("+")
-        if gemv not in GEMVS or (plus and pdl != "pdl"):
-            ap.error(f"--modes: unknown mode {mode!r}; use {' or '.join(GEMVS)}, each optionally with +pdl")
-    if not all(b.isdigit() and 1 <= int(b) <= MAX_ROWS for b in args.batches.split(",")):
-        ap.error(f"--batches {args.batches!r}: give integers from 1 to {MAX_ROWS} (kvshare.gemv's rows), e.g. 1,16")
+    modes = args.modes.split(",")
+    for mode in modes:
+        if mode not in (*GEMVS, "triton+pdl"):
+            ap.error(f"--modes: unknown mode {mode!r}; use some of {', '.join(GEMVS)}, triton+pdl")
+    most = MAX_ROWS if "triton+pdl" in modes else float("inf")
+    if not all(b.isdigit() and 1 <= int(b) <= most for b in args.batches.split(",")):
+        limit = f"from 1 to {MAX_ROWS} (triton+pdl's limit)" if "triton+pdl" in modes else "of at least 1"
+        ap.error(f"--batches {args.batches!r}: give integers {limit}, e.g. 1,16")
     return args
 
 
@@ -134,7 +136,7 @@ def main() -> None:
     modes = args.modes.split(",")
     device = torch.device("cuda")
     if not torch.cuda.is_available():
-        sys.exit("decode_options_bench needs a CUDA GPU")
+        sys.exit("decode_options_bench needs a CUDA GPU (triton+pdl: of compute capability 9.0 or later)")
     result = {"machine": machine.environment(device, ("triton",)), "cells": []}
     built = SimpleNamespace(backend="inductor", smoke=False, prefill_attention="buckets", decoder="graph",
                             decode_attention="triton")  # fmt: skip

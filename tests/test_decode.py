@@ -231,8 +231,8 @@ def test_graph_decoder_names_what_does_not_fit(base, monkeypatch):
         decoder.decode(2)
     with pytest.raises(ValueError, match="attention='flash' is not one of"):
         GraphDecoder(model, 2, 9, attention="flash")
-    with pytest.raises(ValueError, match=r"^gemv='fused' is not one of cublas, triton, triton-fused$"):
-        GraphDecoder(model, 2, 9, gemv="fused")
+    with pytest.raises(ValueError, match=r"^gemv='triton-fused' is not one of cublas, triton$"):
+        GraphDecoder(model, 2, 9, gemv="triton-fused")
     with pytest.raises(
         ValueError, match=r"^pdl=True .* capability 9.0 .* attention='triton', gemv='triton' on cpu: pass"
     ):

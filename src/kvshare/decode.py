@@ -91,7 +91,7 @@ class LayerSpec(NamedTuple):
     qkv_sizes: tuple[int, ...]
     act: str  # the MLP's activation, a transformers ACT2FN name
     attention: str
-    linear: Callable  # linear_reference or kvshare.gemv.linear_product(_pdl) or linear_fused(_pdl)
+    linear: Callable  # linear_reference or kvshare.gemv.linear_product(_pdl)
     pdl: bool  # the attention's kernels by programmatic dependent launch (kvshare.pdl)
 
 
@@ -223,10 +223,10 @@ def _check_pdl(device, batch_size: int, attention: str, gemv: str) -> None:
     benchmarks/results/decode_floor/h100-pdl)."""
     from kvshare.pdl import supported
 
-    if not (supported(device) and attention == "triton" and gemv != "cublas"):
+    if not (supported(device) and attention == "triton" and gemv == "triton"):
         raise ValueError(
-            f"pdl=True launches the triton attention's and kvshare.gemv's kernels on a GPU of compute capability 9.0 "
-            f"or later, but attention={attention!r}, gemv={gemv!r} on {device}: pass pdl=False"
+            f"pdl=True launches the triton attention's and gemv's kernels on a GPU of compute capability 9.0 or "
+            f"later, but attention={attention!r}, gemv={gemv!r} on {device}: pass pdl=False"
         )
     from kvshare.gemv import MAX_ROWS
 
@@ -265,8 +265,8 @@ class GraphDecoder:
     ``pdl=True`` (a GPU of compute capability 9.0 or later, both "triton" options, batches of up to 16) launches
     the step's kernels by programmatic dependent launch (kvshare.pdl), each starting while the one before ends:
     on an H100 a small model's step at batch 1 took 0.79× the time (SmolLM2-135M) or 0.85-0.87× (12 MHA layers),
-    with outputs equal bit for bit, but a 7B step 1.01× (benchmarks/results/decode_floor/h100-pdl): so it is off
-    unless asked for.
+    0.83-0.89× at batch 16, with outputs equal bit for bit, but a 7B step 1.00-1.01× at batch 1 and 1.02× at 16
+    (benchmarks/results/decode_floor/h100-pdl): so it is off unless asked for.
     """
 
     def __init__(self, model, batch_size, max_cache_len, attention=None, steps_per_graph=8, backend="inductor",
@@ -289,8 +289,8 @@ class GraphDecoder:
                 f"attention='triton' runs on CUDA (or under TRITON_INTERPRET=1), but the model is on "
                 f"{model.device}: move it to a GPU, or pick attention='flex', 'sdpa' or 'matmul'"
             )
-        if gemv not in ("cublas", "triton", "triton-fused"):
-            raise ValueError(f"gemv={gemv!r} is not one of cublas, triton, triton-fused")
+        if gemv not in ("cublas", "triton"):
+            raise ValueError(f"gemv={gemv!r} is not one of cublas, triton")
         if compile_unit not in ("layer", "step"):
             raise ValueError(f"compile_unit={compile_unit!r} is not one of layer, step")
         if pdl:
@@ -298,11 +298,10 @@ class GraphDecoder:
         self.model, self.steps_per_graph, self.device = model, steps_per_graph, model.device
         self.cache = KVShareStaticCache(model.config, max_cache_len, batch_size, model.dtype, self.device)
         linear = linear_reference
-        if gemv != "cublas" and self.device.type == "cuda":
+        if gemv == "triton" and self.device.type == "cuda":
             from kvshare import gemv as products
 
-            form = "linear_fused" if gemv == "triton-fused" else "linear_product"
-            linear = getattr(products, form + ("_pdl" if pdl else ""))
+            linear = products.linear_product_pdl if pdl else products.linear_product
         self.layers = [self._layer_inputs(layer, attention, linear, pdl) for layer in model.model.layers]
         self.linear = linear
         long = dict(dtype=torch.long, device=self.device)

@@ -14,7 +14,8 @@ batch 1 took 5.20 ms against 5.40 ms with cuBLAS on an H100 (benchmarks/results/
 mostly by sparing cuBLAS's split-K reductions and the residual's own kernel. Computing the norm and the gated
 activation inside the kernel too cost more than it saved (a step took 5.67 ms against 5.45 with cuBLAS,
 h100-gemv; our reading, not profiled: every program repeats the work on x, on BLOCK_M rows however few are
-real), so that form was removed.
+real), so that form was removed. Tried again where kernels' fixed cost sets the step (the small shapes, 6 kernels
+a layer instead of 9), it was slower there too: 1.05-1.10× the step, 1.08-1.17× with ``pdl`` (h100-fused).
 
 Launched by programmatic dependent launch (``pdl``, kvshare.pdl; GraphDecoder's ``pdl=True`` uses
 :func:`linear_product_pdl`), a program asks L2 for its weight's first columns before it waits on x.
@@ -51,102 +52,74 @@ CONFIGS = [
 ]
 
 
-@triton.autotune(configs=CONFIGS, key=["M", "N", "K", "NORM", "GLU"])
+@triton.autotune(configs=CONFIGS, key=["M", "N", "K"])
 @triton.jit
-def _kernel(x_ptr, w_ptr, b_ptr, n_ptr, r_ptr, y_ptr, M, N, K: tl.constexpr, stride_xm, stride_wn, stride_rm,
-            stride_ym, eps, HAS_BIAS: tl.constexpr, NORM: tl.constexpr, GLU: tl.constexpr, RESIDUAL: tl.constexpr,
-            PDL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
-    # NORM and GLU (the fused form): every program repeats the work on x, so the loop does only what the product
-    # needs: the norm's scale multiplies x and its 1/rms scales the sums; with GLU the weight's rows are [gate; up]
-    # and a program sums its gate columns and the matching up columns.
+def _kernel(x_ptr, w_ptr, b_ptr, r_ptr, y_ptr, M, N, K: tl.constexpr, stride_xm, stride_wn, stride_rm, stride_ym,
+            HAS_BIAS: tl.constexpr, RESIDUAL: tl.constexpr, PDL: tl.constexpr, BLOCK_M: tl.constexpr,
+            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
     rm = tl.arange(0, BLOCK_M)
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
     if PDL:  # the weight's first columns, up to PREFETCH_K, one 128-byte line (64 bf16) at a time
         lines = tl.minimum(tl.arange(0, PREFETCH_K // 64) * 64, K - 1)
         prefetch_l2(w_ptr + tl.minimum(rn, N - 1)[:, None] * stride_wn + lines[None, :])
-        if GLU:
-            prefetch_l2(w_ptr + (N + tl.minimum(rn, N - 1))[:, None] * stride_wn + lines[None, :])
         wait_for_inputs()
     dtype = y_ptr.dtype.element_ty
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if GLU:
-        up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if NORM:
-        squares = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     for i in range(tl.cdiv(K, BLOCK_K)):
         kk = i * BLOCK_K + rk
         x = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :], mask=(rm[:, None] < M) & (kk[None, :] < K),
                     other=0.0)  # fmt: skip
-        if NORM:
-            squares += x.to(tl.float32) * x.to(tl.float32)
-            x = x * tl.load(n_ptr + kk, mask=kk < K, other=0.0)[None, :]
-        w_mask = (rn[:, None] < N) & (kk[None, :] < K)
-        w = tl.load(w_ptr + rn[:, None] * stride_wn + kk[None, :], mask=w_mask, other=0.0)
+        w = tl.load(w_ptr + rn[:, None] * stride_wn + kk[None, :], mask=(rn[:, None] < N) & (kk[None, :] < K),
+                    other=0.0)  # fmt: skip
         acc += tl.dot(x.to(dtype), tl.trans(w))
-        if GLU:
-            w = tl.load(w_ptr + (N + rn[:, None]) * stride_wn + kk[None, :], mask=w_mask, other=0.0)
-            up += tl.dot(x.to(dtype), tl.trans(w))
-    if NORM:
-        rstd = tl.rsqrt(tl.sum(squares, axis=1) / K + eps)[:, None]
-        acc *= rstd
-        if GLU:
-            up *= rstd
     if HAS_BIAS:
         acc += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
-        if GLU:
-            up += tl.load(b_ptr + N + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
-    y = acc.to(dtype)  # rounded before the activation and residual, as PyTorch's modules round it
-    if GLU:  # silu(gate) * up
-        gate = y.to(tl.float32)
-        y = (gate / (1.0 + tl.exp(-gate))).to(dtype) * up.to(dtype)
+    y = acc.to(dtype)  # rounded before the residual is added, as PyTorch's modules round it
     mask = (rm[:, None] < M) & (rn[None, :] < N)
     if RESIDUAL:
         y = y + tl.load(r_ptr + rm[:, None] * stride_rm + rn[None, :], mask=mask, other=0.0)
     tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], y, mask=mask)
 
 
-def _launch(kernel, x, weight, bias, residual, pdl=False, norm=None, eps=0.0, glu=False, **config):
+def _launch(kernel, x, weight, bias, residual, pdl=False, **config):
     """``kernel`` (the autotuned one, or its plain ``.fn`` given the blocks in ``config``) over x's rows."""
     m, k = x.shape
-    n = weight.shape[0] // (2 if glu else 1)
+    n = weight.shape[0]
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
 
     def grid(meta):
         return (triton.cdiv(n, meta["BLOCK_N"]),)
 
     # Any pointer for the operands a flag leaves unread.
-    kernel[grid](x, weight, weight if bias is None else bias, weight if norm is None else norm,
-                 y if residual is None else residual, y, m, n, k, x.stride(0), weight.stride(0),
-                 0 if residual is None else residual.stride(0), y.stride(0), eps, HAS_BIAS=bias is not None,
-                 NORM=norm is not None, GLU=glu, RESIDUAL=residual is not None,
-                 BLOCK_M=max(16, triton.next_power_of_2(m)), **launch_options(pdl), **config)  # fmt: skip
+    kernel[grid](x, weight, weight if bias is None else bias, y if residual is None else residual, y, m, n, k,
+                 x.stride(0), weight.stride(0), 0 if residual is None else residual.stride(0), y.stride(0),
+                 HAS_BIAS=bias is not None, RESIDUAL=residual is not None, BLOCK_M=max(16, triton.next_power_of_2(m)),
+                 **launch_options(pdl), **config)  # fmt: skip
     return y
 
 
 @torch.library.custom_op("kvshare::gemv", mutates_args=())
-def _gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, norm: torch.Tensor | None, eps: float,
-          glu: bool, residual: torch.Tensor | None, pdl: bool) -> torch.Tensor:  # fmt: skip
-    return _launch(_kernel, x, weight, bias, residual, pdl, norm, eps, glu)
+def _gemv(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None, pdl: bool
+) -> torch.Tensor:
+    return _launch(_kernel, x, weight, bias, residual, pdl)
 
 
 @_gemv.register_fake
-def _(x, weight, bias, norm, eps, glu, residual, pdl):
-    return x.new_empty(x.shape[0], weight.shape[0] // (2 if glu else 1))
+def _(x, weight, bias, residual, pdl):
+    return x.new_empty(x.shape[0], weight.shape[0])
 
 
-def linear(x, weight, bias=None, residual=None, pdl=False, norm=None, eps: float = 0.0, act: str | None = None):
-    """:func:`kvshare.decode.linear_reference` (``x @ weight.T + bias``, with an RMSNorm by ``norm`` before it, a
-    gated activation ``act`` of its [gate; up] halves, or ``residual`` added) by the kernel above for up to
-    MAX_ROWS rows on CUDA (contiguous weight, the activation SiLU; ``pdl``: by programmatic dependent launch,
-    kvshare.pdl), else by PyTorch."""
+def linear(x, weight, bias=None, residual=None, pdl=False):
+    """``x @ weight.T + bias`` (+ ``residual``) by the kernel above for up to MAX_ROWS rows on CUDA (contiguous
+    weight; ``pdl``: by programmatic dependent launch, kvshare.pdl), else by PyTorch."""
     rows = x.numel() // x.shape[-1]
-    if rows > MAX_ROWS or not x.is_cuda or not weight.is_contiguous() or act not in (None, "silu"):
-        return linear_reference(x, weight, bias, norm, eps, act, residual)
+    if rows > MAX_ROWS or not x.is_cuda or not weight.is_contiguous():
+        return linear_reference(x, weight, bias, residual=residual)
     flat = x.reshape(rows, x.shape[-1]).contiguous()
     res = None if residual is None else residual.reshape(rows, -1).contiguous()
-    y = _gemv(flat, weight, bias, norm, eps, act is not None, res, pdl)
-    return y.view(*x.shape[:-1], y.shape[-1])
+    return _gemv(flat, weight, bias, res, pdl).view(*x.shape[:-1], weight.shape[0])
 
 
 def linear_product(x, weight, bias=None, norm=None, eps: float = 0.0, act: str | None = None, residual=None,
@@ -164,15 +137,3 @@ def linear_product(x, weight, bias=None, norm=None, eps: float = 0.0, act: str |
 def linear_product_pdl(x, weight, bias=None, norm=None, eps: float = 0.0, act: str | None = None, residual=None):
     """:func:`linear_product` by programmatic dependent launch (GraphDecoder's ``pdl``)."""
     return linear_product(x, weight, bias, norm, eps, act, residual, pdl=True)
-
-
-def linear_fused(x, weight, bias=None, norm=None, eps: float = 0.0, act: str | None = None, residual=None,
-                 pdl=False):  # fmt: skip
-    """:func:`kvshare.decode.linear_reference` all in :func:`linear`'s kernel: the norm, the product, the gated
-    activation and the residual (GraphDecoder's ``gemv="triton-fused"``)."""
-    return linear(x, weight, bias, residual, pdl, norm, eps, act)
-
-
-def linear_fused_pdl(x, weight, bias=None, norm=None, eps: float = 0.0, act: str | None = None, residual=None):
-    """:func:`linear_fused` by programmatic dependent launch."""
-    return linear(x, weight, bias, residual, True, norm, eps, act)
