@@ -2,10 +2,9 @@
 
 A mode is a ``gemv`` choice (kvshare.decode.GraphDecoder's: ``triton`` or ``cublas``), with ``+pdl`` (``triton``
 only) for launching the step's kernels by programmatic dependent launch (kvshare.pdl). For each shape, variant and
-batch: one decoder
-per mode, all of one model, each timed over ``--new`` steps from a context of ``--prompt`` tokens, alternating,
-``--reps`` times (median); then each generates from one prompt, twice, and its tokens and one step's logits are
-compared with the first mode's and with its own first run. The same kernels computing the same sums in the same
+batch: one decoder per mode, all of one model, each timed over ``--new`` steps from a context of ``--prompt``
+tokens, alternating, ``--reps`` times (median); then each generates from one prompt, twice, and its tokens and one
+step's logits are compared with the first mode's and with its own first run. The same kernels computing the same sums in the same
 order give equal outputs (inductor may time its kernels' configurations into other choices); a read that did not
 wait for its writer would also differ from run to run.
 
