@@ -34,14 +34,12 @@ from kvshare.decode import GraphDecoder  # noqa: E402
 from kvshare.gemv import MAX_ROWS  # noqa: E402
 from kvshare.io import atomic_write_json  # noqa: E402
 
-GEMVS = ("triton", "cublas")
+MODES = {  # GraphDecoder's keyword arguments for each mode
+    "triton": dict(gemv="triton", pdl=False),
+    "triton+pdl": dict(gemv="triton", pdl=True),
+    "cublas": dict(gemv="cublas", pdl=False),
+}
 VARIANTS = tuple(v for v in fb.VARIANTS if v != "hf-static")  # kvshare models: GraphDecoder's
-
-
-def options(mode: str) -> dict:
-    """GraphDecoder's keyword arguments for a mode such as ``triton+pdl``."""
-    gemv, _, pdl = mode.partition("+")
-    return dict(gemv=gemv, pdl=pdl == "pdl")
 
 
 def compare(decoders: dict, prompt: int, new: int, vocab: int, device) -> dict:
@@ -72,7 +70,7 @@ def compare(decoders: dict, prompt: int, new: int, vocab: int, device) -> dict:
 
 def cell(model, batch: int, modes: list[str], args, device) -> dict:
     length = args.prompt + args.new - 1
-    decoders = {m: GraphDecoder(model, batch, length, attention="triton", **options(m)) for m in modes}
+    decoders = {m: GraphDecoder(model, batch, length, attention="triton", **MODES[m]) for m in modes}
     for decoder in decoders.values():
         decoder.warm_up()
         fb.graph_run(decoder, batch, args.prompt, min(args.new, 8), 0, device)
@@ -104,8 +102,8 @@ def parse(ap: argparse.ArgumentParser) -> argparse.Namespace:
     ap.add_argument("--out", required=True)
     ap.add_argument("--shapes", default="smollm2-135m,mha-12l", help=f"comma-separated, of {sorted(fb.SHAPES)}")
     ap.add_argument("--variants", default="gqa,cla2,mqa", help=f"comma-separated, of {', '.join(VARIANTS)}")
-    ap.add_argument("--modes", default="triton,triton+pdl", help=f"comma-separated, of {', '.join(GEMVS)} and "
-                    "triton+pdl; the first is what the others are compared with")  # fmt: skip
+    ap.add_argument("--modes", default="triton,triton+pdl", help=f"comma-separated, of {', '.join(MODES)}; the "
+                    "first is what the others are compared with")  # fmt: skip
     ap.add_argument("--batches", default="1,16", help=f"with triton+pdl, up to {MAX_ROWS} (kvshare.gemv's rows)")
     ap.add_argument("--prompt", type=int, default=2048)
     ap.add_argument("--new", type=int, default=64)
@@ -121,11 +119,12 @@ def parse(ap: argparse.ArgumentParser) -> argparse.Namespace:
             ap.error(f"--variants: unknown variant {variant!r}; use some of {', '.join(VARIANTS)}")
     modes = args.modes.split(",")
     for mode in modes:
-        if mode not in (*GEMVS, "triton+pdl"):
-            ap.error(f"--modes: unknown mode {mode!r}; use some of {', '.join(GEMVS)}, triton+pdl")
-    most = MAX_ROWS if "triton+pdl" in modes else float("inf")
+        if mode not in MODES:
+            ap.error(f"--modes: unknown mode {mode!r}; use some of {', '.join(MODES)}")
+    pdl = any(MODES[m]["pdl"] for m in modes)
+    most = MAX_ROWS if pdl else float("inf")
     if not all(b.isdigit() and 1 <= int(b) <= most for b in args.batches.split(",")):
-        limit = f"from 1 to {MAX_ROWS} (triton+pdl's limit)" if "triton+pdl" in modes else "of at least 1"
+        limit = f"from 1 to {MAX_ROWS} (triton+pdl's limit)" if pdl else "of at least 1"
         ap.error(f"--batches {args.batches!r}: give integers {limit}, e.g. 1,16")
     return args
 
