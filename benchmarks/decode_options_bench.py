@@ -98,7 +98,8 @@ def report(name: str, variant: str, rec: dict) -> str:
 
 
 def parse(ap: argparse.ArgumentParser) -> argparse.Namespace:
-    """The arguments, every bad one refused by ap.error (exit 2) before anything is built."""
+    """The arguments, the comma-separated ones as lists, every bad one refused by ap.error (exit 2) before
+    anything is built."""
     ap.add_argument("--out", required=True)
     ap.add_argument("--shapes", default="smollm2-135m,mha-12l", help=f"comma-separated, of {sorted(fb.SHAPES)}")
     ap.add_argument("--variants", default="gqa,cla2,mqa", help=f"comma-separated, of {', '.join(VARIANTS)}")
@@ -111,39 +112,40 @@ def parse(ap: argparse.ArgumentParser) -> argparse.Namespace:
     ap.add_argument("--check-prompt", type=int, default=128)
     ap.add_argument("--check-new", type=int, default=32)
     args = ap.parse_args()
-    for name in args.shapes.split(","):
+    args.shapes, args.variants, args.modes = (a.split(",") for a in (args.shapes, args.variants, args.modes))
+    for name in args.shapes:
         if name not in fb.SHAPES:
             ap.error(f"--shapes: unknown shape {name!r}; use one of {', '.join(sorted(fb.SHAPES))}")
-    for variant in args.variants.split(","):
+    for variant in args.variants:
         if variant not in VARIANTS:
             ap.error(f"--variants: unknown variant {variant!r}; use some of {', '.join(VARIANTS)}")
-    modes = args.modes.split(",")
-    for mode in modes:
+    for mode in args.modes:
         if mode not in MODES:
             ap.error(f"--modes: unknown mode {mode!r}; use some of {', '.join(MODES)}")
-    pdl = any(MODES[m]["pdl"] for m in modes)
+    pdl = any(MODES[m]["pdl"] for m in args.modes)
     most = MAX_ROWS if pdl else float("inf")
-    if not all(b.isdigit() and 1 <= int(b) <= most for b in args.batches.split(",")):
+    batches = args.batches.split(",")
+    if not all(b.isdigit() and 1 <= int(b) <= most for b in batches):
         limit = f"from 1 to {MAX_ROWS} (triton+pdl's limit)" if pdl else "of at least 1"
         ap.error(f"--batches {args.batches!r}: give integers {limit}, e.g. 1,16")
+    args.batches = [int(b) for b in batches]
     return args
 
 
 def main() -> None:
     args = parse(argparse.ArgumentParser(description=__doc__.split("\n\n")[0]))
-    modes = args.modes.split(",")
     device = torch.device("cuda")
     if not torch.cuda.is_available():
         sys.exit("decode_options_bench needs a CUDA GPU (triton+pdl: of compute capability 9.0 or later)")
     result = {"machine": machine.environment(device, ("triton",)), "cells": []}
     built = SimpleNamespace(backend="inductor", smoke=False, prefill_attention="buckets", decoder="graph",
                             decode_attention="triton")  # fmt: skip
-    for name in args.shapes.split(","):
-        models = fb.build_models(name, fb.SHAPES[name], args.variants.split(","), device, torch.bfloat16, built)
+    for name in args.shapes:
+        models = fb.build_models(name, fb.SHAPES[name], args.variants, device, torch.bfloat16, built)
         for variant, model in models.items():
-            for batch in map(int, args.batches.split(",")):
+            for batch in args.batches:
                 rec = dict(shape=name, variant=variant, when=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()))
-                rec |= cell(model, batch, modes, args, device)
+                rec |= cell(model, batch, args.modes, args, device)
                 result["cells"].append(rec)
                 atomic_write_json(Path(args.out) / "decode_options.json", result)
                 print(report(name, variant, rec), flush=True)
